@@ -1,0 +1,91 @@
+"""What a backend is: it turns residual rows into the filtered Sven direction.
+
+A backend may observe the closure while it runs (``capture``: the factored
+backend installs hooks there) and then computes, from the residual rows and the
+trainable parameters, the direction ``J^+_k r`` per parameter.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..solve import SpectralFilter, SpectralSolution
+
+__all__ = ["Backend", "Direction", "FallbackRequired", "flat_to_params"]
+
+
+class FallbackRequired(Exception):
+    """Raised by a fast backend that cannot compute this step exactly.
+
+    The optimizer then runs the generic backend on the same rows. ``reason``
+    names the module or the condition, for the one-time warning.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Direction:
+    """The filtered Sven direction of one step (before the learning rate).
+
+    Attributes:
+        step: ``J^+_k r`` split per trainable parameter, each in its parameter's
+            shape, float64.
+        solution: singular values, kept count and decomposition used.
+        row_change: ``J step`` (N,) float64, the linear model's change of the rows
+            for a unit learning rate, or None when the backend does not form it.
+    """
+
+    step: list[Tensor]
+    solution: SpectralSolution
+    row_change: Tensor | None = None
+
+
+def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat (P,) vector into tensors shaped like ``params`` (views)."""
+    out, offset = [], 0
+    for p in params:
+        n = p.numel()
+        out.append(flat[offset : offset + n].view(p.shape))
+        offset += n
+    return out
+
+
+class Backend(abc.ABC):
+    """Computes the filtered direction for the residual rows of one closure call."""
+
+    name: str = "abstract"
+
+    @contextlib.contextmanager
+    def capture(self, params: Sequence[Tensor]) -> Iterator[Any]:
+        """Context active while the closure runs; yields what ``direction`` needs."""
+        yield None
+
+    @abc.abstractmethod
+    def direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any = None,
+    ) -> Direction:
+        """``J^+_k r`` for rows (N,) with a grad_fn and the trainable ``params``."""
+
+
+def check_finite(tensor: Tensor, what: str) -> None:
+    """Raise NonFiniteError when ``tensor`` holds NaN or Inf (one host sync)."""
+    from ..errors import NonFiniteError
+
+    if not bool(torch.isfinite(tensor).all()):
+        raise NonFiniteError(
+            f"{what} contains NaN or Inf; the step was not taken and nothing was changed"
+        )

@@ -1,0 +1,314 @@
+"""``torchsven.Sven``: Singular Value Descent as a ``torch.optim.Optimizer``.
+
+The optimizer is a thin shell: it validates arguments, keeps param groups and
+state, calls the closure, hands the residual rows to a backend and applies
+``theta_g <- theta_g - lr_g * (J^+_k r)_g`` group by group. The linear algebra
+is in :mod:`torchsven.solve`, the Jacobian work in :mod:`torchsven.backends`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKENDS, make_backend
+from .backends.base import Backend, Direction, FallbackRequired, check_finite
+from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
+from .errors import SvenFallbackWarning
+from .info import StepInfo
+from .solve import SOLVERS, SpectralFilter
+
+__all__ = ["GLOBAL_OPTIONS", "Sven"]
+
+#: Options that hold for the whole solve; a param group may not set them.
+GLOBAL_OPTIONS = ("rank", "rtol", "atol", "damping", "backend", "solver")
+
+
+def _check_nonnegative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_options(
+    rank: Any, rtol: Any, atol: Any, damping: Any, backend: Any, solver: Any
+) -> dict[str, Any]:
+    """Validate the global options; returns them normalised."""
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be None or an int >= 1, got {type(rank).__name__}")
+        if rank < 1:
+            raise ValueError(f"rank must be None or an int >= 1, got {rank}")
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    return {
+        "rank": rank,
+        "rtol": _check_nonnegative("rtol", rtol),
+        "atol": _check_nonnegative("atol", atol),
+        "damping": _check_nonnegative("damping", damping),
+        "backend": backend,
+        "solver": solver,
+    }
+
+
+def residual_rows(out: Any) -> Tensor:
+    """Validate what a closure returned and flatten it to rows (N,)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"closure must return a tensor of residual rows, got {type(out).__name__}")
+    if out.dim() == 0:
+        raise ValueError(
+            "closure must return residual rows (a tensor with at least one dimension, "
+            "e.g. model(x) - y), got a 0-dim tensor; Sven needs every residual, not their "
+            "sum (see torchsven.from_losses for per-sample losses)"
+        )
+    if not out.is_floating_point():
+        raise TypeError(f"closure must return floating-point residual rows, got {out.dtype}")
+    if out.numel() == 0:
+        raise ValueError(
+            f"closure returned residual rows with no elements (shape {tuple(out.shape)})"
+        )
+    if not out.requires_grad:
+        raise ValueError(
+            "closure returned residual rows without a grad_fn: they must be computed "
+            "from the parameters with autograd enabled (no .detach(), no torch.no_grad())"
+        )
+    return out.reshape(-1)
+
+
+class Sven(torch.optim.Optimizer):
+    r"""Singular Value Descent: ``theta <- theta - lr * J^+_k r``.
+
+    ``r`` (N,) are the residual rows the closure returns (objective
+    ``0.5 ||r||^2``), ``J = dr/dtheta`` (N, P) over the trainable parameters
+    (``requires_grad`` and group ``lr > 0``), and ``J^+_k`` the truncated,
+    optionally damped pseudo-inverse: singular value ``s_i`` (index i from 0,
+    descending) is kept when ``i < rank`` and ``s_i > max(rtol * s_1, atol)``,
+    and inverted as ``1/s`` or, with ``damping = mu > 0``, ``s / (s^2 + mu)``.
+    Routes through a Gram matrix ``J J^T`` also drop ``s_i`` below its float64
+    resolution ``sqrt(N eps) s_1``.
+
+    Args:
+        params: an ``nn.Module`` (all its parameters; enables model-aware
+            backends) or an iterable of tensors / param-group dicts.
+        lr: step size, per group; a group with ``lr = 0`` is frozen (left out of J).
+        rank: keep at most this many singular directions (None: no cap).
+        rtol: relative cut on singular values.
+        atol: absolute cut on singular values.
+        damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``).
+        backend: "auto" (the fastest exact backend available) or "generic".
+        model: the module the parameters belong to, when ``params`` are groups.
+        solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
+        chunk_bytes: memory budget of one chunk of batched backward passes.
+
+    ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
+    closure returns residual rows of any shape (``model(x) - y``), and ``step``
+    returns that tensor. Sven never reads or writes ``.grad`` (so ``zero_grad``
+    is harmless and ``torch.amp.GradScaler`` does not apply). Diagnostics of the
+    last step are in ``opt.last_step`` (:class:`torchsven.StepInfo`).
+    """
+
+    def __init__(
+        self,
+        params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        rank: int | None = None,
+        rtol: float = 1e-3,
+        atol: float = 1e-10,
+        damping: float = 0.0,
+        backend: str = "auto",
+        *,
+        model: nn.Module | None = None,
+        solver: str = "auto",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            if model is not None and model is not params:
+                raise ValueError("model= must be the same module as the first argument")
+            model, params = params, list(params.parameters())
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        _check_nonnegative("lr", lr)
+        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        self.options = _check_options(rank, rtol, atol, damping, backend, solver)
+        self.chunk_bytes = chunk_bytes
+        self.model = model
+        self.last_step: StepInfo | None = None
+        self._steps = 0
+        self._warned: set[str] = set()
+        super().__init__(params, {"lr": float(lr)})
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it may set ``lr`` but none of :data:`GLOBAL_OPTIONS`."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        for key in GLOBAL_OPTIONS:
+            if key in param_group:
+                raise ValueError(
+                    f"param group sets {key!r}, which is global in Sven (one solve over all "
+                    "parameters); pass it to Sven(...) instead"
+                )
+        if "lr" in param_group:
+            _check_nonnegative("lr", param_group["lr"])
+        params = param_group.get("params")
+        tensors = [params] if isinstance(params, Tensor) else list(params or [])
+        existing = [p for g in self.param_groups for p in g["params"]]
+        self._check_homogeneous(existing + tensors)
+        super().add_param_group(param_group)
+
+    @staticmethod
+    def _check_homogeneous(params: list[Tensor]) -> None:
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"params must hold tensors, got {type(p).__name__}")
+            if not p.is_floating_point():
+                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+        if params:
+            first = params[0]
+            for p in params[1:]:
+                if p.device != first.device:
+                    raise ValueError(
+                        f"params must all be on one device, got {first.device} and {p.device}"
+                    )
+                if p.dtype != first.dtype:
+                    raise ValueError(
+                        f"params must all have one dtype, got {first.dtype} and {p.dtype}"
+                    )
+
+    def _trainable(self) -> tuple[list[Tensor], list[float]]:
+        """Trainable parameters (requires_grad, group lr > 0) and their lrs."""
+        params, lrs = [], []
+        for i, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                lr = float(lr)
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0:
+                raise ValueError(f"param_groups[{i}]['lr'] must be a number >= 0, got {lr!r}")
+            if lr == 0:
+                continue
+            for p in group["params"]:
+                if p.requires_grad:
+                    params.append(p)
+                    lrs.append(float(lr))
+        return params, lrs
+
+    # ------------------------------------------------------------------- state
+    @property
+    def filter(self) -> SpectralFilter:
+        """The spectral filter the next step uses."""
+        o = self.options
+        return SpectralFilter(o["rank"], o["rtol"], o["atol"], o["damping"])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["sven"] = {"options": dict(self.options), "steps": self._steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        sven = state_dict.pop("sven", None)
+        if sven is not None:
+            options = _check_options(**sven["options"])
+        super().load_state_dict(state_dict)
+        if sven is not None:
+            self.options = options
+            self._steps = int(sven["steps"])
+
+    # -------------------------------------------------------------------- step
+    def _backends(self) -> tuple[Backend, GenericBackend]:
+        generic = GenericBackend(self.options["solver"], self.chunk_bytes)
+        primary = make_backend(self.options["backend"], self.model, generic)
+        return primary, generic
+
+    def _direction(
+        self,
+        primary: Backend,
+        generic: GenericBackend,
+        rows: Tensor,
+        params: list[Tensor],
+        captured: Any,
+    ) -> tuple[Direction, str]:
+        if primary is generic:
+            return generic.direction(rows, params, self.filter), generic.name
+        try:
+            return primary.direction(rows, params, self.filter, captured), primary.name
+        except FallbackRequired as why:
+            if why.reason not in self._warned:
+                self._warned.add(why.reason)
+                warnings.warn(
+                    f"Sven: the {primary.name} backend cannot compute this step exactly "
+                    f"({why.reason}); using the generic backend",
+                    SvenFallbackWarning,
+                    stacklevel=3,
+                )
+            return generic.direction(rows, params, self.filter), generic.name
+
+    def _evaluate(
+        self, closure: Callable[[], Tensor], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Direction, str]:
+        """Call the closure (under enable_grad, with the backend's capture) and solve.
+
+        Returns the closure's output, its rows (N,), the direction and the name
+        of the backend that computed it. Changes nothing.
+        """
+        primary, generic = self._backends()
+        with primary.capture(params) as captured, torch.enable_grad():
+            out = closure()
+        rows = residual_rows(out)
+        check_finite(rows.detach(), "the residual rows returned by the closure")
+        if not params:
+            return out, rows, generic.direction(rows, [], self.filter), generic.name
+        direction, used = self._direction(primary, generic, rows, params, captured)
+        flat = torch.cat([d.reshape(-1) for d in direction.step])
+        check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
+        return out, rows, direction, used
+
+    @staticmethod
+    def _apply(params: list[Tensor], lrs: list[float], step: list[Tensor]) -> None:
+        """``theta_g <- theta_g - lr_g * step_g`` in the parameters' dtype."""
+        with torch.no_grad():
+            for p, d, lr in zip(params, step, lrs, strict=True):
+                p.add_(d.to(p.dtype), alpha=-lr)
+
+    def _info(self, rows: Tensor, direction: Direction, backend: str, **extras: Any) -> StepInfo:
+        sq = float(rows.detach().to(torch.float64).square().sum())
+        return StepInfo(
+            loss=0.5 * sq,
+            residual_norm=math.sqrt(sq),
+            singular_values=direction.solution.singular_values,
+            kept=direction.solution.kept,
+            damping=self.options["damping"],
+            backend=backend,
+            solver=direction.solution.solver,
+            rows=rows.numel(),
+            extras=extras,
+        )
+
+    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+        """One Sven step. ``closure()`` returns residual rows; returns that tensor.
+
+        Raises (and changes nothing: parameters, state and ``last_step`` stay as
+        they were) on a closure that returns no tensor, a 0-dim or non-float
+        tensor, rows without a grad_fn, or non-finite rows or Jacobian.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(
+                "Sven.step needs a closure that returns residual rows, e.g. "
+                "opt.step(lambda: model(x) - y)"
+            )
+        params, lrs = self._trainable()
+        out, rows, direction, used = self._evaluate(closure, params)
+        self._apply(params, lrs, direction.step)
+        self._steps += 1
+        self.last_step = self._info(rows, direction, used)
+        return out
