@@ -22,11 +22,12 @@ from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
 from .errors import SvenFallbackWarning
 from .info import StepInfo
 from .solve import SOLVERS, SpectralFilter
+from .variants import VARIANT_OPTIONS, Variants, check_variant_options
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
 
 #: Options that hold for the whole solve; a param group may not set them.
-GLOBAL_OPTIONS = ("rank", "rtol", "atol", "damping", "backend", "solver")
+GLOBAL_OPTIONS = ("rank", "rtol", "atol", "damping", "backend", "solver", *VARIANT_OPTIONS)
 
 
 def _check_nonnegative(name: str, value: Any) -> float:
@@ -108,6 +109,24 @@ class Sven(torch.optim.Optimizer):
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        precondition: RMSProp-style diagonal preconditioning: None, "pre" (scale
+            J's columns by ``d = 1/(sqrt(v)+eps)``, v the running mean of the
+            squared objective gradient ``J^T r / N``, and map the solution back:
+            ``d * (J diag(d))^+ r``) or "post" (divide the update by the root of
+            its own running mean square).
+        rmsprop_alpha: decay of the running mean square ``v``, in [0, 1).
+        rmsprop_eps: added to ``sqrt(v)``, > 0.
+        momentum: heavy-ball momentum on the update, ``b <- mu b + u``, in [0, 1).
+        variable_rank: keep the best prefix of the rank-1 components (in order
+            of singular value) by evaluating the objective (more closure calls).
+        param_fraction: update this fraction of the trainable entries per step, in (0, 1].
+        mask: how the fraction is drawn: "entries", "tensors" or "rows" (output
+            rows of Linear / ConvNd layers; needs the model).
+        seed: seed of the generator for masks and randomized sketches.
+        randomized: randomized truncated SVD of J with target ``rank`` (needs rank).
+        oversample: extra sketch columns of the randomized SVD.
+        power_iters: power iterations of the randomized SVD.
+        spectrum_every: record the spectrum every n steps in ``opt.spectrum_history``.
 
     ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
     closure returns residual rows of any shape (``model(x) - y``), and ``step``
@@ -129,6 +148,18 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        precondition: str | None = None,
+        rmsprop_alpha: float = 0.99,
+        rmsprop_eps: float = 1e-8,
+        momentum: float = 0.0,
+        variable_rank: bool = False,
+        param_fraction: float = 1.0,
+        mask: str = "entries",
+        seed: int = 0,
+        randomized: bool = False,
+        oversample: int = 10,
+        power_iters: int = 2,
+        spectrum_every: int | None = None,
     ) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
@@ -141,6 +172,26 @@ class Sven(torch.optim.Optimizer):
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
         self.options = _check_options(rank, rtol, atol, damping, backend, solver)
         self.chunk_bytes = chunk_bytes
+        # --- options of the paper's method (torchsven.variants) ---
+        self._variants = Variants(
+            check_variant_options(
+                self.options["rank"],
+                self.options["backend"],
+                model is not None,
+                precondition=precondition,
+                rmsprop_alpha=rmsprop_alpha,
+                rmsprop_eps=rmsprop_eps,
+                momentum=momentum,
+                variable_rank=variable_rank,
+                param_fraction=param_fraction,
+                mask=mask,
+                seed=seed,
+                randomized=randomized,
+                oversample=oversample,
+                power_iters=power_iters,
+                spectrum_every=spectrum_every,
+            )
+        )
         self.model = model
         self.last_step: StepInfo | None = None
         self._steps = 0
@@ -204,6 +255,11 @@ class Sven(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
     @property
+    def spectrum_history(self) -> list:
+        """Spectrum records, one every ``spectrum_every`` steps (:class:`SpectrumRecord`)."""
+        return self._variants.history
+
+    @property
     def filter(self) -> SpectralFilter:
         """The spectral filter the next step uses."""
         o = self.options
@@ -212,6 +268,7 @@ class Sven(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["sven"] = {"options": dict(self.options), "steps": self._steps}
+        state["sven"]["variants"] = self._variants.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -219,10 +276,16 @@ class Sven(torch.optim.Optimizer):
         sven = state_dict.pop("sven", None)
         if sven is not None:
             options = _check_options(**sven["options"])
+            variants = Variants(self._variants.options)
+            if "variants" in sven:
+                variants.load_state_dict(
+                    sven["variants"], options["rank"], options["backend"], self.model is not None
+                )
         super().load_state_dict(state_dict)
         if sven is not None:
             self.options = options
             self._steps = int(sven["steps"])
+            self._variants = variants
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
@@ -307,6 +370,8 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
+        if self._variants.options.active:  # options of the paper's method
+            return self._variants.step(self, closure, params, lrs)
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
         self._steps += 1
