@@ -79,3 +79,15 @@ CASES: dict[str, Callable[..., Case]] = {
     "convnet": convnet,
     "rank-deficient": linear_rank_deficient,
 }
+
+
+def matrix_with_spectrum(
+    n: int, p: int, singular_values: list[float], *, seed: int = 0
+) -> Tensor:
+    """(n, p) float64 matrix ``U diag(s) V^T`` with exactly the given singular values."""
+    k = len(singular_values)
+    assert k <= min(n, p)
+    g = _gen(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(p, k, generator=g, dtype=torch.float64))
+    return u @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v.T
