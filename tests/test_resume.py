@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+
 import pytest
 import torch
 
