@@ -4,7 +4,9 @@ Sven solves for every residual row at once: ``theta <- theta - lr * J^+_k r``
 with a truncated (optionally damped) pseudo-inverse of the per-row Jacobian.
 """
 
+from .damping import AdaptiveDamping
 from .errors import NonFiniteError, SvenFallbackWarning
+from .globalize import BacktrackingLineSearch
 from .info import StepInfo
 from .optim import Sven
 from .polyak import PolyakSGD
@@ -12,6 +14,8 @@ from .residuals import from_errors, from_losses
 from .spectrum import SpectrumRecord, effective_rank, plot_spectrum
 
 __all__ = [
+    "AdaptiveDamping",
+    "BacktrackingLineSearch",
     "NonFiniteError",
     "PolyakSGD",
     "SpectrumRecord",

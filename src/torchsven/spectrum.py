@@ -52,7 +52,7 @@ class SpectrumRecord:
     def to_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "singular_values": self.singular_values.clone(),
+            "singular_values": self.singular_values.tolist(),
             "kept": self.kept,
             "effective_rank": self.effective_rank,
             "loss": self.loss,

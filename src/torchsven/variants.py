@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .backends.base import Direction, check_finite, flat_to_params
 from .backends.generic import jacobian
+from .info import StepInfo
 from .masks import MASKS, Selection, select
 from .precondition import (
     PRECONDITIONERS,
@@ -98,9 +99,14 @@ class VariantOptions:
         )
 
     @property
+    def changes_step(self) -> bool:
+        """Whether any option changes the plain Sven step (``spectrum_every`` does not)."""
+        return self != VariantOptions(seed=self.seed, spectrum_every=self.spectrum_every)
+
+    @property
     def active(self) -> bool:
-        """Whether any option changes the plain Sven step."""
-        return self != VariantOptions(seed=self.seed)
+        """Whether :class:`Variants` runs the step (an option is set)."""
+        return self.changes_step or self.spectrum_every is not None
 
 
 def _real(
@@ -134,12 +140,14 @@ def check_variant_options(
     rank: int | None = None,
     backend: str = "auto",
     has_model: bool = True,
+    robust: bool = False,
     **kwargs: Any,
 ) -> VariantOptions:
     """Validate the options in :data:`VARIANT_OPTIONS` and their combinations.
 
-    ``rank``, ``backend`` and ``has_model`` are the optimizer's, for the checks
-    that involve them. Raises TypeError / ValueError naming the argument.
+    ``rank``, ``backend``, ``has_model`` and ``robust`` (adaptive damping, a
+    line search or ``on_nonfinite="skip"`` is set) are the optimizer's, for the
+    checks that involve them. Raises TypeError / ValueError naming the argument.
     """
     unknown = set(kwargs) - set(VARIANT_OPTIONS)
     if unknown:
@@ -224,6 +232,12 @@ def check_variant_options(
         raise ValueError(
             "mask='rows' needs the model whose layers are masked: pass Sven(model, ...) or model="
         )
+    if opts.changes_step and robust:
+        raise ValueError(
+            "precondition, momentum, variable_rank, param_fraction < 1 and randomized cannot "
+            "be combined with damping='adaptive', line_search or on_nonfinite='skip' (yet); "
+            "spectrum_every can"
+        )
     if opts.needs_jacobian and backend not in ("auto", "generic"):
         raise ValueError(
             f"backend={backend!r} cannot be combined with precondition='pre', variable_rank, "
@@ -269,16 +283,16 @@ class Variants:
     def state_dict(self) -> dict[str, Any]:
         return {
             "options": asdict(self.options),
-            "generator": self.generator.get_state(),
+            "generator": bytes(self.generator.get_state().tolist()),
             "history": [r.to_dict() for r in self.history],
         }
 
     def load_state_dict(
-        self, state: dict[str, Any], rank: int | None, backend: str, has_model: bool
+        self, state: dict[str, Any], rank: int | None, backend: str, has_model: bool, robust: bool
     ) -> None:
-        options = check_variant_options(rank, backend, has_model, **state["options"])
+        options = check_variant_options(rank, backend, has_model, robust, **state["options"])
         self.options = options
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(torch.tensor(list(state["generator"]), dtype=torch.uint8))
         self.history = [SpectrumRecord.from_dict(r) for r in state["history"]]
 
     # ------------------------------------------------------------- direction
@@ -418,19 +432,17 @@ class Variants:
         solution = SpectralSolution(solved.solution.singular_values, kept, solved.solution.solver)
         row_change = solved.row_change if o.precondition != "post" and o.momentum == 0 else None
         info = opt._info(rows, Direction([], solution, row_change), used, **extras)
-        if o.spectrum_every is not None and opt._steps % o.spectrum_every == 0:
-            self.history.append(
-                SpectrumRecord(
-                    opt._steps,
-                    solution.singular_values,
-                    kept,
-                    effective_rank(solution.singular_values),
-                    info.loss,
-                )
-            )
         opt._steps += 1
         opt.last_step = info
+        self.record(info, opt._steps - 1)
         return out
+
+    def record(self, info: StepInfo, index: int) -> None:
+        """Append step ``index``'s spectrum to the history when it is due."""
+        every = self.options.spectrum_every
+        if every is not None and index % every == 0:
+            s = info.singular_values
+            self.history.append(SpectrumRecord(index, s, info.kept, effective_rank(s), info.loss))
 
     def _variable_rank(
         self, closure, params, sel, solved, lr_full, rows, residual_rows, total
