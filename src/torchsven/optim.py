@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
+from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .info import StepInfo
 from .solve import SOLVERS, SpectralFilter
@@ -108,6 +109,10 @@ class Sven(torch.optim.Optimizer):
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        process_group: a ``torch.distributed`` process group for exact
+            data-parallel steps (each rank passes its local rows; the step equals
+            one process on the concatenated batch), or None for one process.
+            See :mod:`torchsven.distributed`.
 
     ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
     closure returns residual rows of any shape (``model(x) - y``), and ``step``
@@ -129,7 +134,13 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        process_group: Any = None,
     ) -> None:
+        # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
+        check_not_ddp(params, "params")
+        check_not_ddp(model, "model")
+        self._data_parallel = make_data_parallel(process_group)
+        # --- end distributed
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("model= must be the same module as the first argument")
@@ -146,6 +157,8 @@ class Sven(torch.optim.Optimizer):
         self._steps = 0
         self._warned: set[str] = set()
         super().__init__(params, {"lr": float(lr)})
+        if self._data_parallel is not None:  # distributed: same parameters on every rank
+            self._data_parallel.check_parameters(self._trainable()[0])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -307,6 +320,15 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
+        # --- distributed: collective closure + solve; global rows and direction
+        if self._data_parallel is not None:
+            dp = self._data_parallel
+            out, rows, direction, used = dp.evaluate(self, closure, params, lrs)
+            self._apply(params, lrs, direction.step)
+            self._steps += 1
+            self.last_step = self._info(rows, direction, used, **dp.extras())
+            return out
+        # --- end distributed
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
         self._steps += 1
