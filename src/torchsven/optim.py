@@ -275,13 +275,14 @@ class Sven(torch.optim.Optimizer):
         of the backend that computed it. Changes nothing.
         """
         primary, generic = self._backends()
-        with primary.capture(params) as captured, torch.enable_grad():
-            out = closure()
-        rows = residual_rows(out)
-        check_finite(rows.detach(), "the residual rows returned by the closure")
-        if not params:
-            return out, rows, generic.direction(rows, [], self.filter), generic.name
-        direction, used = self._direction(primary, generic, rows, params, captured)
+        with torch.enable_grad():  # also for the backends' autograd calls after the closure
+            with primary.capture(params) as captured:
+                out = closure()
+            rows = residual_rows(out)
+            check_finite(rows.detach(), "the residual rows returned by the closure")
+            if not params:
+                return out, rows, generic.direction(rows, [], self.filter), generic.name
+            direction, used = self._direction(primary, generic, rows, params, captured)
         flat = torch.cat([d.reshape(-1) for d in direction.step])
         check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         return out, rows, direction, used
