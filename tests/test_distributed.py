@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from dist_harness import check, run_ranks
-from reference import dense_jacobian, reference_step, rel_err
+from .dist_harness import check, run_ranks
+from .reference import dense_jacobian, reference_step, rel_err
 
 STEPS = 3
 #: global batch split per world size (uneven on purpose for 2 and 3)
@@ -185,7 +185,7 @@ def _ok(result: tuple[str, object]) -> object:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_equals_one_process(world: int) -> None:
-    ranks = run_ranks(world, "test_distributed", NAMES)
+    ranks = run_ranks(world, __name__, NAMES)
     for rank_out in ranks:
         assert "__init__" not in rank_out, rank_out.get("__init__")
 

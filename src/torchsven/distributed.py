@@ -283,7 +283,7 @@ class DataParallel:
         try:
             with primary.capture(params) as _captured, torch.enable_grad():
                 out = closure()
-            rows = residual_rows(out)
+                rows = residual_rows(out)
             n_rows = rows.numel()
             if not bool(torch.isfinite(rows.detach()).all()):
                 code = _NONFINITE
@@ -293,7 +293,8 @@ class DataParallel:
         sizes = self._agree_on_closure(code, n_rows, n_params, lr_fingerprint(lrs), error)
         assert rows is not None
         self.local_rows = n_rows
-        outcome = self._generic_solve(opt, rows, params, sizes)
+        with torch.enable_grad():  # the Jacobian's autograd calls, also under no_grad()
+            outcome = self._generic_solve(opt, rows, params, sizes)
         self._raise_for(outcome)
         assert outcome.step is not None and outcome.solution is not None
         assert outcome.rows is not None
