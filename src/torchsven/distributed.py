@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from .backends.base import Direction, flat_to_params
 from .backends.generic import jacobian
+from .damping import AdaptiveDamping
 from .errors import NonFiniteError
 from .solve import SOLVERS, SpectralSolution, jacobian_step
 
@@ -159,6 +160,8 @@ class DataParallel:
         self.root = dist.get_global_rank(group, 0)
         self.traffic = Traffic()
         self.local_rows = 0
+        self._device = torch.device("cpu")
+        self._globalised = False  # the current step is a globalised one (trial calls)
 
     # ------------------------------------------------------------ collectives
     def _timed(self, fn: Callable[[], Any]) -> Any:
@@ -232,21 +235,7 @@ class DataParallel:
         )
         table = self._all_gather(local)
         status = table[:, 0].to(torch.int64).tolist()
-        if any(s == _RAISED for s in status):
-            messages = self._error_messages(error)
-            failed = [i for i, s in enumerate(status) if s == _RAISED]
-            if error is not None:
-                _add_note(
-                    error,
-                    f"Sven: rank {self.rank} raised in its closure; every rank of the "
-                    "process group stopped this step (nothing was changed)",
-                )
-                raise error
-            details = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
-            raise DistributedStepError(
-                f"Sven step aborted on every rank because rank(s) {failed} raised in the "
-                f"closure ({details}); nothing was changed"
-            )
+        self._raise_if_raised(status, error, "the closure")
         if any(s == _NONFINITE for s in status):
             failed = [i for i, s in enumerate(status) if s == _NONFINITE]
             raise NonFiniteError(
@@ -263,7 +252,7 @@ class DataParallel:
 
     # --------------------------------------------------------------------- step
     def evaluate(
-        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor], lrs: list[float]
+        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor]
     ) -> tuple[Tensor, Tensor, Direction, str]:
         """The collective counterpart of ``Sven._evaluate``.
 
@@ -290,7 +279,18 @@ class DataParallel:
         except Exception as exc:  # reported to every rank below
             error, code = exc, _RAISED
         n_params = sum(p.numel() for p in params)
+        lrs = opt._trainable()[1]
+        globalised, self._globalised = self._globalised, False
         sizes = self._agree_on_closure(code, n_rows, n_params, lr_fingerprint(lrs), error)
+        needs_row_change = opt.options.get("line_search") or isinstance(
+            opt.options["damping"], AdaptiveDamping
+        )
+        if globalised and needs_row_change and len(set(lrs)) > 1:
+            raise ValueError(
+                "process_group with adaptive damping or a line search needs one lr for all "
+                f"trainable param groups (got {sorted(set(lrs))}): the predicted reduction "
+                "comes from the gathered J step, which has no per-group split"
+            )
         assert rows is not None
         self.local_rows = n_rows
         with torch.enable_grad():  # the Jacobian's autograd calls, also under no_grad()
@@ -302,6 +302,72 @@ class DataParallel:
             flat_to_params(outcome.step, params), outcome.solution, outcome.row_change
         )
         return out, outcome.rows, direction, "generic"
+
+    def collective_trials(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        """Wrap a closure for a globalised step (torchsven.globalize).
+
+        The first call of a step goes to :meth:`evaluate` unchanged; every later
+        (trial) call returns the *global* rows (N,) float64, all-gathered in rank
+        order, so the trial objective and every accept / reject decision are the
+        same on every rank. A rank that raises in a trial stops every rank.
+        """
+        calls = 0
+        self._globalised = True
+
+        def wrapped() -> Tensor:
+            nonlocal calls
+            calls += 1
+            return closure() if calls == 1 else self.trial_rows(closure)
+
+        return wrapped
+
+    def trial_rows(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Call ``closure`` on every rank and all-gather its rows (no finite check)."""
+        error: Exception | None = None
+        local = torch.zeros(0, dtype=torch.float64, device=self._device)
+        code = _OK
+        try:
+            out = closure()
+            if not isinstance(out, Tensor) or not out.is_floating_point():
+                raise TypeError(
+                    "closure must return floating-point residual rows on every call, got "
+                    f"{type(out).__name__ if not isinstance(out, Tensor) else out.dtype} "
+                    "on a trial call"
+                )
+            local = out.detach().reshape(-1).to(device=self._device, dtype=torch.float64)
+        except Exception as exc:  # reported to every rank below
+            error, code = exc, _RAISED
+        sizes = self._agree(code, local.numel(), error, "a trial call of the closure")
+        height = int(sizes.max())
+        padded = torch.zeros(height, dtype=torch.float64, device=self._device)
+        padded[: local.numel()] = local
+        gathered = self._all_gather(padded)
+        return torch.cat([gathered[i, :n] for i, n in enumerate(sizes.tolist())])
+
+    def _agree(self, code: int, n_rows: int, error: Exception | None, where: str) -> Tensor:
+        """All-gather ``[status, N_r]``; raise on every rank if any raised; returns N_r."""
+        local = torch.tensor([code, n_rows], dtype=torch.float64, device=self._device)
+        table = self._all_gather(local)
+        self._raise_if_raised(table[:, 0].to(torch.int64).tolist(), error, where)
+        return table[:, 1].to(torch.int64)
+
+    def _raise_if_raised(self, status: list[int], error: Exception | None, where: str) -> None:
+        if not any(s == _RAISED for s in status):
+            return
+        messages = self._error_messages(error)
+        failed = [i for i, s in enumerate(status) if s == _RAISED]
+        if error is not None:
+            _add_note(
+                error,
+                f"Sven: rank {self.rank} raised in {where}; every rank of the process "
+                "group stopped this step",
+            )
+            raise error
+        details = "; ".join(f"rank {i}: {messages[i]}" for i in failed)
+        raise DistributedStepError(
+            f"Sven step aborted on every rank because rank(s) {failed} raised in {where} "
+            f"({details}); nothing was changed"
+        )
 
     def extras(self) -> dict[str, object]:
         """Communication diagnostics of the last step for ``StepInfo.extras``."""
