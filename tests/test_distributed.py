@@ -95,6 +95,35 @@ def _distributed_run(rank: int, world: int, split: list[int], cap: int | None) -
     return {"history": history, "infos": infos}
 
 
+#: globalised options exercised collectively (trial calls, accept / reject)
+GLOBALISED = {"adaptive": {"damping": "adaptive"}, "backtracking": {"line_search": "backtracking"}}
+
+
+def globalised_run(rank: int, split: list[int], options: dict, group=None) -> dict:
+    """Sven(model, lr=1.5, **options) for STEPS steps on rank ``rank``'s rows."""
+    import torchsven
+
+    model, _, x, y = build(sum(split))
+    opt = torchsven.Sven(model, lr=1.5, rtol=RTOL, process_group=group, **options)
+    part = local_slice(split, rank)
+    history, accepted = [], []
+    for _ in range(STEPS):
+        opt.step(lambda: model(x[0, part]) - y[0, part])  # one batch: rejections happen
+        history.append(flat(model))
+        accepted.append(opt.last_step.extras["accepted"])
+    return {"history": history, "accepted": accepted, "loss": opt.last_step.loss}
+
+
+@check
+def globalised(rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    return {
+        name: globalised_run(rank, SPLITS[world], options, dist.group.WORLD)
+        for name, options in GLOBALISED.items()
+    }
+
+
 @check
 def uneven_generic(rank: int, world: int) -> dict:
     return _distributed_run(rank, world, SPLITS[world], None)
@@ -169,7 +198,7 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
     return {"errors": errors, "ddp": ddp_error}
 
 
-NAMES = ["uneven_generic", "even_generic", "raising_rank", "disagreeing_ranks"]
+NAMES = ["globalised", "uneven_generic", "even_generic", "raising_rank", "disagreeing_ranks"]
 
 
 def as64(values: list[float]) -> torch.Tensor:
@@ -215,6 +244,17 @@ def test_data_parallel_equals_one_process(world: int) -> None:
                 step_bytes = 8 * (5 + n_params + len(infos[t]["s"]) + 4 * sum(split))
                 assert extras["bytes_broadcast"] == step_bytes
                 assert extras["bytes_reduced"] == 0
+
+    # adaptive damping and backtracking: same trial losses and decisions everywhere
+    for name, options in GLOBALISED.items():
+        expected = globalised_run(0, [sum(SPLITS[world])], options)
+        if name == "adaptive":  # both branches are exercised
+            assert set(expected["accepted"]) == {True, False}
+        for out in (_ok(r["globalised"])[name] for r in ranks):
+            assert out["accepted"] == expected["accepted"], name
+            assert abs(out["loss"] - expected["loss"]) <= 1e-10 * expected["loss"]
+            for t in range(STEPS):
+                assert rel_err(as64(out["history"][t]), as64(expected["history"][t])) <= 1e-10
 
     raising = [_ok(r["raising_rank"]) for r in ranks]
     for rank, out in enumerate(raising):
