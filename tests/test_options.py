@@ -577,12 +577,19 @@ def test_variable_rank_rejects_non_finite_prefix():
 
 def test_robust_options_combine_with_spectrum_only():
     case = small_case(15)
-    with pytest.raises(ValueError, match="cannot be combined with damping='adaptive'"):
+    with pytest.raises(ValueError, match="cannot be combined with damping='adaptive' or line_"):
         torchsven.Sven(case.model, damping="adaptive", momentum=0.5)
     with pytest.raises(ValueError, match="cannot be combined"):
         torchsven.Sven(case.model, line_search="backtracking", param_fraction=0.5)
+    with pytest.raises(ValueError, match="cannot be combined with on_nonfinite='skip'"):
+        torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):
         opt.step(case.residuals)
     assert [h.step for h in opt.spectrum_history] == [0, 2]
     assert opt.spectrum_history[-1].loss == opt.last_step.loss
+    from torchsven.variants import check_variant_options
+
+    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
+        check_variant_options(conflicts="process_group (distributed Sven)", momentum=0.5)
+    assert check_variant_options(conflicts="process_group", spectrum_every=3).spectrum_every == 3

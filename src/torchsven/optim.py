@@ -21,6 +21,7 @@ from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
 from .damping import AdaptiveDamping, parse_damping, serialize_damping
+from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
@@ -141,6 +142,10 @@ class Sven(torch.optim.Optimizer):
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        process_group: a ``torch.distributed`` process group for exact
+            data-parallel steps (each rank passes its local rows; the step equals
+            one process on the concatenated batch), or None for one process.
+            See :mod:`torchsven.distributed`.
         line_search: None, or "backtracking" (or a :class:`torchsven.BacktrackingLineSearch`):
             Armijo backtracking on ``lr`` (fixed damping only).
         on_nonfinite: "raise" (:class:`torchsven.NonFiniteError`, nothing changed) or
@@ -184,6 +189,7 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        process_group: Any = None,
         line_search: str | bool | None = None,
         on_nonfinite: str = "raise",
         precondition: str | None = None,
@@ -199,6 +205,11 @@ class Sven(torch.optim.Optimizer):
         power_iters: int = 2,
         spectrum_every: int | None = None,
     ) -> None:
+        # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
+        check_not_ddp(params, "params")
+        check_not_ddp(model, "model")
+        self._data_parallel = make_data_parallel(process_group)
+        # --- end distributed
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("model= must be the same module as the first argument")
@@ -219,7 +230,7 @@ class Sven(torch.optim.Optimizer):
                 self.options["rank"],
                 self.options["backend"],
                 model is not None,
-                self._is_robust(),
+                self._variant_conflicts(),
                 precondition=precondition,
                 rmsprop_alpha=rmsprop_alpha,
                 rmsprop_eps=rmsprop_eps,
@@ -239,6 +250,8 @@ class Sven(torch.optim.Optimizer):
         self._steps = 0
         self._warned: set[str] = set()
         super().__init__(params, {"lr": float(lr)})
+        if self._data_parallel is not None:  # distributed: same parameters on every rank
+            self._data_parallel.check_parameters(self._trainable()[0])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -337,7 +350,7 @@ class Sven(torch.optim.Optimizer):
                     options["rank"],
                     options["backend"],
                     self.model is not None,
-                    self._is_robust(options),
+                    self._variant_conflicts(options),
                 )
         super().load_state_dict(state_dict)
         if sven is not None:
@@ -346,14 +359,16 @@ class Sven(torch.optim.Optimizer):
             self._variants = variants
             self._robust = RobustState.from_dict(sven.get("robust", {}))
 
-    def _is_robust(self, options: dict[str, Any] | None = None) -> bool:
-        """Adaptive damping, a line search or ``on_nonfinite="skip"`` is set."""
+    def _variant_conflicts(self, options: dict[str, Any] | None = None) -> str | None:
+        """The set features that the step-changing options do not combine with, or None."""
         o = self.options if options is None else options
-        return bool(
-            isinstance(o["damping"], AdaptiveDamping)
-            or o["line_search"]
-            or o["on_nonfinite"] != "raise"
-        )
+        if isinstance(o["damping"], AdaptiveDamping) or o["line_search"]:
+            return "damping='adaptive' or line_search"
+        if o["on_nonfinite"] != "raise":
+            return "on_nonfinite='skip'"
+        if self._data_parallel is not None:
+            return "process_group (distributed Sven)"
+        return None
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
@@ -392,6 +407,8 @@ class Sven(torch.optim.Optimizer):
         Returns the closure's output, its rows (N,), the direction and the name
         of the backend that computed it. Changes nothing.
         """
+        if self._data_parallel is not None:  # distributed: global rows and direction
+            return self._data_parallel.evaluate(self, closure, params)
         primary, generic = self._backends()
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
             with primary.capture(params) as captured:
@@ -420,6 +437,8 @@ class Sven(torch.optim.Optimizer):
         damping: float | None = None,
         **extras: Any,
     ) -> StepInfo:
+        if self._data_parallel is not None:  # distributed: communication volume
+            extras = {**self._data_parallel.extras(), **extras}
         sq = float(rows.detach().to(torch.float64).square().sum())
         return StepInfo(
             loss=0.5 * sq,
@@ -446,7 +465,7 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
-        if self._variants.options.active and not self._is_robust():  # the paper's options
+        if self._variants.options.changes_step:  # the paper's options (torchsven.variants)
             return self._variants.step(self, closure, params, lrs)
         o = self.options
         if (
@@ -454,6 +473,10 @@ class Sven(torch.optim.Optimizer):
             or o["line_search"]
             or o["on_nonfinite"] != "raise"
         ):
+            # --- distributed: the trial calls of a globalised step are collective too
+            if self._data_parallel is not None:
+                closure = self._data_parallel.collective_trials(closure)
+            # --- end distributed
             out = robust_step(self, closure, params, lrs)  # torchsven.globalize
             self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
             return out
@@ -461,4 +484,5 @@ class Sven(torch.optim.Optimizer):
         self._apply(params, lrs, direction.step)
         self._steps += 1
         self.last_step = self._info(rows, direction, used)
+        self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
         return out

@@ -140,14 +140,15 @@ def check_variant_options(
     rank: int | None = None,
     backend: str = "auto",
     has_model: bool = True,
-    robust: bool = False,
+    conflicts: str | None = None,
     **kwargs: Any,
 ) -> VariantOptions:
     """Validate the options in :data:`VARIANT_OPTIONS` and their combinations.
 
-    ``rank``, ``backend``, ``has_model`` and ``robust`` (adaptive damping, a
-    line search or ``on_nonfinite="skip"`` is set) are the optimizer's, for the
-    checks that involve them. Raises TypeError / ValueError naming the argument.
+    ``rank``, ``backend``, ``has_model`` and ``conflicts`` (the optimizer's set
+    features that the step-changing options do not combine with, or None) are
+    the optimizer's, for the checks that involve them. Raises TypeError /
+    ValueError naming the argument.
     """
     unknown = set(kwargs) - set(VARIANT_OPTIONS)
     if unknown:
@@ -232,11 +233,10 @@ def check_variant_options(
         raise ValueError(
             "mask='rows' needs the model whose layers are masked: pass Sven(model, ...) or model="
         )
-    if opts.changes_step and robust:
+    if opts.changes_step and conflicts is not None:
         raise ValueError(
             "precondition, momentum, variable_rank, param_fraction < 1 and randomized cannot "
-            "be combined with damping='adaptive', line_search or on_nonfinite='skip' (yet); "
-            "spectrum_every can"
+            f"be combined with {conflicts} (yet); spectrum_every can"
         )
     if opts.needs_jacobian and backend not in ("auto", "generic"):
         raise ValueError(
@@ -288,9 +288,14 @@ class Variants:
         }
 
     def load_state_dict(
-        self, state: dict[str, Any], rank: int | None, backend: str, has_model: bool, robust: bool
+        self,
+        state: dict[str, Any],
+        rank: int | None,
+        backend: str,
+        has_model: bool,
+        conflicts: str | None,
     ) -> None:
-        options = check_variant_options(rank, backend, has_model, robust, **state["options"])
+        options = check_variant_options(rank, backend, has_model, conflicts, **state["options"])
         self.options = options
         self.generator.set_state(torch.tensor(list(state["generator"]), dtype=torch.uint8))
         self.history = [SpectrumRecord.from_dict(r) for r in state["history"]]
