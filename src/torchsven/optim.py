@@ -21,6 +21,7 @@ from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
 from .damping import AdaptiveDamping, default_rtol, parse_damping, serialize_damping
+from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
@@ -140,6 +141,10 @@ class Sven(torch.optim.Optimizer):
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        process_group: a ``torch.distributed`` process group for exact
+            data-parallel steps (each rank passes its local rows; the step equals
+            one process on the concatenated batch), or None for one process.
+            See :mod:`torchsven.distributed`.
         line_search: None, or "backtracking" (or a :class:`torchsven.BacktrackingLineSearch`):
             Armijo backtracking on ``lr`` (fixed damping only).
         on_nonfinite: "raise" (:class:`torchsven.NonFiniteError`, nothing changed) or
@@ -165,9 +170,15 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        process_group: Any = None,
         line_search: str | bool | None = None,
         on_nonfinite: str = "raise",
     ) -> None:
+        # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
+        check_not_ddp(params, "params")
+        check_not_ddp(model, "model")
+        self._data_parallel = make_data_parallel(process_group)
+        # --- end distributed
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("model= must be the same module as the first argument")
@@ -187,6 +198,8 @@ class Sven(torch.optim.Optimizer):
         self._steps = 0
         self._warned: set[str] = set()
         super().__init__(params, {"lr": float(lr)})
+        if self._data_parallel is not None:  # distributed: same parameters on every rank
+            self._data_parallel.check_parameters(self._trainable()[0])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -315,6 +328,8 @@ class Sven(torch.optim.Optimizer):
         Returns the closure's output, its rows (N,), the direction and the name
         of the backend that computed it. Changes nothing.
         """
+        if self._data_parallel is not None:  # distributed: global rows and direction
+            return self._data_parallel.evaluate(self, closure, params)
         primary, generic = self._backends()
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
             with primary.capture(params) as captured:
@@ -343,6 +358,8 @@ class Sven(torch.optim.Optimizer):
         damping: float | None = None,
         **extras: Any,
     ) -> StepInfo:
+        if self._data_parallel is not None:  # distributed: communication volume
+            extras = {**self._data_parallel.extras(), **extras}
         sq = float(rows.detach().to(torch.float64).square().sum())
         return StepInfo(
             loss=0.5 * sq,
@@ -375,6 +392,10 @@ class Sven(torch.optim.Optimizer):
             or o["line_search"]
             or o["on_nonfinite"] != "raise"
         ):
+            # --- distributed: the trial calls of a globalised step are collective too
+            if self._data_parallel is not None:
+                closure = self._data_parallel.collective_trials(closure)
+            # --- end distributed
             return robust_step(self, closure, params, lrs)  # torchsven.globalize
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
