@@ -53,7 +53,9 @@ def _check_points(x: Any, name: str = "x") -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a tensor of points (N, d), got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D tensor of points (N, d), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must be a 2-D tensor of points (N, d), got shape {tuple(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
     return x
@@ -91,6 +93,8 @@ def _check_time_dim(time_dim: Any, d: int) -> int:
 # ------------------------------------------------------- nested autograd path
 def _grad(y: Tensor, x: Tensor) -> Tensor:
     """``d sum(y) / dx`` with create_graph; zeros where y does not depend on x."""
+    if not y.requires_grad:  # y is constant in x (e.g. the gradient of a linear u)
+        return torch.zeros_like(x)
     (g,) = torch.autograd.grad(y.sum(), x, create_graph=True, allow_unused=True)
     return torch.zeros_like(x) if g is None else g
 
@@ -266,7 +270,7 @@ def pointwise_rows(
     buffers = dict(model.named_buffers())
     names = list(trainable)
 
-    def rows_at(theta: dict[str, Tensor], x: Tensor, *d: Tensor) -> tuple[Tensor, Tensor]:
+    def rows_at(theta: dict[str, Tensor], x: Tensor, *d: Tensor) -> Tensor:
         state = {**frozen, **theta, **buffers}
 
         def u(z: Tensor) -> Tensor:
@@ -280,34 +284,42 @@ def pointwise_rows(
                 "residual(u, x, *data) must return one entry per point, shape (n,) or "
                 f"(n, m); for n = 1 it returned shape {tuple(out.shape)}"
             )
-        out = out.squeeze(0)
-        return out, out
+        return out.squeeze(0)
 
-    theta = {k: trainable[k].detach() for k in names}
+    # A snapshot of the parameters: the Jacobian is computed lazily, on the first
+    # backward, and must belong to the parameters these values came from.
+    theta = {k: trainable[k].detach().clone() for k in names}
+    in_dims = (None, 0, *[0] * len(data))
     with torch.no_grad():
-        jac_dict, values = vmap(jacrev(rows_at, has_aux=True), in_dims=(None, 0, *[0] * len(data)))(
-            theta, points, *data
-        )
-    if not trainable:
+        values = vmap(rows_at, in_dims=in_dims)(theta, points, *data)
+    if not trainable or not torch.is_grad_enabled():
         return values
-    jacobians = tuple(jac_dict[k] for k in names)
+
+    def jacobians() -> tuple[Tensor, ...]:
+        with torch.no_grad():
+            jac = vmap(jacrev(rows_at), in_dims=in_dims)(theta, points, *data)
+        return tuple(jac[k] for k in names)
+
     return _JacobianRows.apply(values, jacobians, *(trainable[k] for k in names))
 
 
 class _JacobianRows(torch.autograd.Function):
-    """Rows with a precomputed Jacobian; backward ``g -> sum_rows g * J_p``.
+    """Rows whose backward is a product with their Jacobian: ``g -> sum_rows g * J_p``.
 
-    ``jacobians[k]`` has shape ``values.shape + params[k].shape``.
+    ``jacobians()`` returns, per parameter, J_p of shape ``values.shape +
+    params[k].shape``; it is called on the first backward only (a step that
+    merely evaluates the rows, e.g. an adaptive-damping trial, never pays for it).
     """
 
     @staticmethod
     def forward(
         ctx: Any,
         values: Tensor,
-        jacobians: tuple[Tensor, ...],
+        jacobians: Callable[[], tuple[Tensor, ...]],
         *params: Tensor,
     ) -> Tensor:
-        ctx.jacobians = jacobians
+        ctx.make_jacobians = jacobians
+        ctx.jacobians = None
         ctx.rows = values.numel()
         ctx.shapes = [p.shape for p in params]
         return values.clone()
@@ -315,6 +327,8 @@ class _JacobianRows(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_rows: Tensor) -> tuple[Tensor | None, ...]:
+        if ctx.jacobians is None:
+            ctx.jacobians = ctx.make_jacobians()
         g = grad_rows.reshape(1, ctx.rows)
         grads = [
             (g @ jac.reshape(ctx.rows, -1)).reshape(shape)
