@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
-from .damping import AdaptiveDamping, parse_damping, serialize_damping
+from .damping import AdaptiveDamping, default_rtol, parse_damping, serialize_damping
 from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
@@ -79,7 +79,7 @@ def _check_options(
         )
     return {
         "rank": rank,
-        "rtol": _check_nonnegative("rtol", rtol),
+        "rtol": default_rtol(damping) if rtol is None else _check_nonnegative("rtol", rtol),
         "atol": _check_nonnegative("atol", atol),
         "damping": damping,
         "backend": backend,
@@ -130,7 +130,8 @@ class Sven(torch.optim.Optimizer):
             backends) or an iterable of tensors / param-group dicts.
         lr: step size, per group; a group with ``lr = 0`` is frozen (left out of J).
         rank: keep at most this many singular directions (None: no cap).
-        rtol: relative cut on singular values.
+        rtol: relative cut on singular values; None: 1e-3 (the paper's), or 0 with
+            ``damping="adaptive"`` (the damping takes the place of the cut).
         atol: absolute cut on singular values.
         damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``), or "adaptive"
             (Levenberg-Marquardt: ``mu = lambda s_1^2`` with ``lambda`` set by the
@@ -161,7 +162,7 @@ class Sven(torch.optim.Optimizer):
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1.0,
         rank: int | None = None,
-        rtol: float = 1e-3,
+        rtol: float | None = None,
         atol: float = 1e-10,
         damping: float | str | AdaptiveDamping = 0.0,
         backend: str = "auto",
