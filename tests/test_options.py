@@ -575,21 +575,70 @@ def test_variable_rank_rejects_non_finite_prefix():
     assert opt.last_step.extras["closure_calls"] == calls["n"] == 3
 
 
-def test_robust_options_combine_with_spectrum_only():
+def test_globalized_steps_combine_with_direction_options_only():
     case = small_case(15)
     with pytest.raises(ValueError, match="cannot be combined with damping='adaptive' or line_"):
         torchsven.Sven(case.model, damping="adaptive", momentum=0.5)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        torchsven.Sven(case.model, line_search="backtracking", param_fraction=0.5)
     with pytest.raises(ValueError, match="cannot be combined with on_nonfinite='skip'"):
         torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
+    with pytest.raises(ValueError, match="precondition='post', momentum and variable_rank"):
+        torchsven.Sven(case.model, line_search="backtracking", precondition="post")
+    from torchsven.variants import check_variant_options
+
+    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
+        check_variant_options(distributed=True, param_fraction=0.5)
+    assert check_variant_options(distributed=True, spectrum_every=3).spectrum_every == 3
+
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):
         opt.step(case.residuals)
     assert [h.step for h in opt.spectrum_history] == [0, 2]
     assert opt.spectrum_history[-1].loss == opt.last_step.loss
-    from torchsven.variants import check_variant_options
 
-    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
-        check_variant_options(conflicts="process_group (distributed Sven)", momentum=0.5)
-    assert check_variant_options(conflicts="process_group", spectrum_every=3).spectrum_every == 3
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"damping": "adaptive", "param_fraction": 0.5, "mask": "rows", "precondition": "pre"},
+        {"line_search": "backtracking", "param_fraction": 0.5, "mask": "entries"},
+        {
+            "damping": "adaptive",
+            "randomized": True,
+            "rank": 6,
+            "param_fraction": 0.6,
+            "mask": "tensors",
+        },
+    ],
+)
+def test_direction_options_under_globalized_steps(kw):
+    case = _teacher_case(1)
+    opt = torchsven.Sven(case.model, lr=1.0, **kw)
+    start = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(3):
+        before = flat(case.params())
+        opt.step(case.residuals)
+        moved = (flat(case.params()) != before).sum()
+        assert int(moved) < before.numel()  # only the selected entries move (if any)
+    for _ in range(9):
+        opt.step(case.residuals)
+    assert 0.5 * float(case.residuals().detach().square().sum()) < 0.5 * start
+    if kw.get("precondition") == "pre":
+        assert all("square_avg" in opt.state[p] for p in case.params())
+    state = copy.deepcopy(opt.state_dict())  # resumable under the globalized step too
+    twin = _teacher_case(1)
+    twin.model.load_state_dict(case.model.state_dict())
+    opt2 = torchsven.Sven(twin.model, lr=1.0, **kw)
+    opt2.load_state_dict(state)
+    opt.step(case.residuals)
+    opt2.step(twin.residuals)
+    assert torch.equal(flat(case.params()), flat(twin.params()))
+
+
+def test_globalized_step_that_raises_rolls_back_the_generator():
+    case = small_case(16)
+    opt = torchsven.Sven(case.model, damping="adaptive", param_fraction=0.5, mask="entries")
+    opt.step(case.residuals)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError):
+        opt.step(lambda: None)
+    assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]
