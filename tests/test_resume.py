@@ -93,7 +93,7 @@ def test_state_dict_holds_the_adaptive_state():
     sven = opt.state_dict()["sven"]
     assert sven["options"]["damping"] == {
         "init": 1e-3,
-        "lower": 1e-12,
+        "lower": 1e-30,
         "upper": 1e12,
         "accept": 1e-4,
     }

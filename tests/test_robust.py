@@ -56,8 +56,8 @@ def test_nielsen_update_rule():
     # bounds
     state, _ = nielsen_update(DampingState(1e12, 2.0), -1.0, opts)
     assert state.factor == 1e12
-    state, _ = nielsen_update(DampingState(1e-12, 2.0), 1.0, opts)
-    assert state.factor == 1e-12
+    state, _ = nielsen_update(DampingState(1e-30, 2.0), 1.0, opts)
+    assert state.factor == 1e-30 == opts.lower
 
 
 def test_gain_ratio_edge_cases():
