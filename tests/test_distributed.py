@@ -125,6 +125,16 @@ def globalised(rank: int, world: int) -> dict:
 
 
 @check
+def example_script(rank: int, world: int) -> int:
+    """examples/distributed_regression.py (torchrun's entry point) on this group."""
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributed_regression.py"
+    return runpy.run_path(str(path), run_name="example")["main"](["--steps", "3", "--batch", "11"])
+
+
+@check
 def uneven_generic(rank: int, world: int) -> dict:
     return _distributed_run(rank, world, SPLITS[world], None)
 
@@ -198,7 +208,14 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
     return {"errors": errors, "ddp": ddp_error}
 
 
-NAMES = ["globalised", "uneven_generic", "even_generic", "raising_rank", "disagreeing_ranks"]
+NAMES = [
+    "example_script",
+    "globalised",
+    "uneven_generic",
+    "even_generic",
+    "raising_rank",
+    "disagreeing_ranks",
+]
 
 
 def as64(values: list[float]) -> torch.Tensor:
@@ -244,6 +261,8 @@ def test_data_parallel_equals_one_process(world: int) -> None:
                 step_bytes = 8 * (5 + n_params + len(infos[t]["s"]) + 4 * sum(split))
                 assert extras["bytes_broadcast"] == step_bytes
                 assert extras["bytes_reduced"] == 0
+
+    assert [_ok(r["example_script"]) for r in ranks] == [0] * world
 
     # adaptive damping and backtracking: same trial losses and decisions everywhere
     for name, options in GLOBALISED.items():

@@ -26,6 +26,7 @@ from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
 from .solve import SOLVERS, SpectralFilter
+from .variants import VARIANT_OPTIONS, Variants, check_variant_options
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
 
@@ -39,6 +40,7 @@ GLOBAL_OPTIONS = (
     "solver",
     "line_search",
     "on_nonfinite",
+    *VARIANT_OPTIONS,
 )
 
 
@@ -149,6 +151,24 @@ class Sven(torch.optim.Optimizer):
             Armijo backtracking on ``lr`` (fixed damping only).
         on_nonfinite: "raise" (:class:`torchsven.NonFiniteError`, nothing changed) or
             "skip" (the step is skipped, counted and reported in ``last_step.extras``).
+        precondition: RMSProp-style diagonal preconditioning: None, "pre" (scale
+            J's columns by ``d = 1/(sqrt(v)+eps)``, v the running mean of the
+            squared objective gradient ``J^T r / N``, and map the solution back:
+            ``d * (J diag(d))^+ r``) or "post" (divide the update by the root of
+            its own running mean square).
+        rmsprop_alpha: decay of the running mean square ``v``, in [0, 1).
+        rmsprop_eps: added to ``sqrt(v)``, > 0.
+        momentum: heavy-ball momentum on the update, ``b <- mu b + u``, in [0, 1).
+        variable_rank: keep the best prefix of the rank-1 components (in order
+            of singular value) by evaluating the objective (more closure calls).
+        param_fraction: update this fraction of the trainable entries per step, in (0, 1].
+        mask: how the fraction is drawn: "entries", "tensors" or "rows" (output
+            rows of Linear / ConvNd layers; needs the model).
+        seed: seed of the generator for masks and randomized sketches.
+        randomized: randomized truncated SVD of J with target ``rank`` (needs rank).
+        oversample: extra sketch columns of the randomized SVD.
+        power_iters: power iterations of the randomized SVD.
+        spectrum_every: record the spectrum every n steps in ``opt.spectrum_history``.
 
     ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
     closure returns residual rows of any shape (``model(x) - y``), and ``step``
@@ -173,6 +193,18 @@ class Sven(torch.optim.Optimizer):
         process_group: Any = None,
         line_search: str | bool | None = None,
         on_nonfinite: str = "raise",
+        precondition: str | None = None,
+        rmsprop_alpha: float = 0.99,
+        rmsprop_eps: float = 1e-8,
+        momentum: float = 0.0,
+        variable_rank: bool = False,
+        param_fraction: float = 1.0,
+        mask: str = "entries",
+        seed: int = 0,
+        randomized: bool = False,
+        oversample: int = 10,
+        power_iters: int = 2,
+        spectrum_every: int | None = None,
     ) -> None:
         # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
         check_not_ddp(params, "params")
@@ -193,6 +225,28 @@ class Sven(torch.optim.Optimizer):
         )
         self._robust = RobustState()
         self.chunk_bytes = chunk_bytes
+        # --- options of the paper's method (torchsven.variants) ---
+        self._variants = Variants(
+            check_variant_options(
+                self.options["rank"],
+                self.options["backend"],
+                model is not None,
+                self._globalized(),
+                self._data_parallel is not None,
+                precondition=precondition,
+                rmsprop_alpha=rmsprop_alpha,
+                rmsprop_eps=rmsprop_eps,
+                momentum=momentum,
+                variable_rank=variable_rank,
+                param_fraction=param_fraction,
+                mask=mask,
+                seed=seed,
+                randomized=randomized,
+                oversample=oversample,
+                power_iters=power_iters,
+                spectrum_every=spectrum_every,
+            )
+        )
         self.model = model
         self.last_step: StepInfo | None = None
         self._steps = 0
@@ -258,6 +312,11 @@ class Sven(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
     @property
+    def spectrum_history(self) -> list:
+        """Spectrum records, one every ``spectrum_every`` steps (:class:`SpectrumRecord`)."""
+        return self._variants.history
+
+    @property
     def filter(self) -> SpectralFilter:
         """The spectral filter the next step uses."""
         o = self.options
@@ -277,6 +336,7 @@ class Sven(torch.optim.Optimizer):
             "options": options,
             "steps": self._steps,
             "robust": self._robust.to_dict(),
+            "variants": self._variants.state_dict(),
         }
         return state
 
@@ -285,11 +345,31 @@ class Sven(torch.optim.Optimizer):
         sven = state_dict.pop("sven", None)
         if sven is not None:
             options = _check_options(**sven["options"])
+            variants = Variants(self._variants.options)
+            if "variants" in sven:
+                variants.load_state_dict(
+                    sven["variants"],
+                    options["rank"],
+                    options["backend"],
+                    self.model is not None,
+                    self._globalized(options),
+                    self._data_parallel is not None,
+                )
         super().load_state_dict(state_dict)
         if sven is not None:
             self.options = options
             self._steps = int(sven["steps"])
+            self._variants = variants
             self._robust = RobustState.from_dict(sven.get("robust", {}))
+
+    def _globalized(self, options: dict[str, Any] | None = None) -> str | None:
+        """Which globalisation (torchsven.globalize) the options set, or None."""
+        o = self.options if options is None else options
+        if isinstance(o["damping"], AdaptiveDamping) or o["line_search"]:
+            return "damping='adaptive' or line_search"
+        if o["on_nonfinite"] != "raise":
+            return "on_nonfinite='skip'"
+        return None
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
@@ -330,6 +410,8 @@ class Sven(torch.optim.Optimizer):
         """
         if self._data_parallel is not None:  # distributed: global rows and direction
             return self._data_parallel.evaluate(self, closure, params)
+        if self._variants.options.changes_direction:  # masks, "pre", randomized (variants)
+            return self._variants.evaluate(self, closure, params)
         primary, generic = self._backends()
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
             with primary.capture(params) as captured:
@@ -386,6 +468,8 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
+        if self._variants.options.changes_step and not self._globalized():  # variants
+            return self._variants.step(self, closure, params, lrs)
         o = self.options
         if (
             isinstance(o["damping"], AdaptiveDamping)
@@ -396,9 +480,17 @@ class Sven(torch.optim.Optimizer):
             if self._data_parallel is not None:
                 closure = self._data_parallel.collective_trials(closure)
             # --- end distributed
-            return robust_step(self, closure, params, lrs)  # torchsven.globalize
+            try:
+                out = robust_step(self, closure, params, lrs)  # torchsven.globalize
+            except BaseException:
+                self._variants.rollback()  # variants: the masks' generator draws
+                raise
+            self._variants.commit(self)  # variants: "pre" state; spectrum_every
+            self._variants.record(self.last_step, self._steps - 1)
+            return out
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
         self._steps += 1
         self.last_step = self._info(rows, direction, used)
+        self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
         return out
