@@ -12,6 +12,8 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchsven
@@ -669,3 +671,35 @@ def test_globalized_step_that_raises_rolls_back_the_generator():
     with pytest.raises(TypeError):
         opt.step(lambda: None)
     assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]
+
+
+def test_docs_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "options.md").read_text()
+    block = text.split("<!-- options-example:start -->")[1].split("<!-- options-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "options.md", "exec"), scope)
+    opt = scope["opt"]
+    assert opt.last_step.loss < 0.05 * 0.5 * float(scope["y"].square().sum())
+    assert [h.step for h in opt.spectrum_history] == [0, 5, 10, 15, 20, 25]
+
+
+@settings(max_examples=25)
+@given(
+    total=st.integers(1, 200),
+    fraction=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31),
+    numels=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+)
+def test_selection_properties(total, fraction, seed, numels):
+    g = torch.Generator().manual_seed(seed)
+    idx = masks.entry_selection(total, fraction, g)
+    assert idx.numel() == min(total, max(1, round(fraction * total)))
+    assert idx.unique().numel() == idx.numel() and bool((idx >= 0).all() & (idx < total).all())
+    chosen = masks.tensor_selection(numels, fraction, g)
+    assert (
+        chosen == sorted(set(chosen))
+        and sum(numels[i] for i in chosen) >= fraction * sum(numels) - 1e-9
+    )
