@@ -17,13 +17,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torchsven
-from cases import Case, mlp
-from reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 from torchsven import masks
 from torchsven.backends import BACKENDS
 from torchsven.randomized import nystrom_coefficients, randomized_step, randomized_svd
 from torchsven.solve import SpectralFilter, gram_coefficients
 from torchsven.variable_rank import greedy_prefix, spectral_components
+
+from .cases import Case, mlp
+from .reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 
 TOL = 1e-10
 
