@@ -12,15 +12,18 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchsven
-from cases import Case, mlp
-from reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 from torchsven import masks
 from torchsven.randomized import nystrom_coefficients, randomized_step, randomized_svd
 from torchsven.solve import SpectralFilter, gram_coefficients
 from torchsven.variable_rank import greedy_prefix, spectral_components
+
+from .cases import Case, mlp
+from .reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 
 TOL = 1e-10
 
@@ -282,6 +285,33 @@ def test_row_mask_skips_full_weight_gradients_and_leaves_model_alone():
     assert all(not m._forward_hooks for m in case.model.modules())
 
 
+class _TwiceAndKeyword(nn.Module):
+    """A layer called twice, a call by keyword, a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(input=torch.tanh(self.inner(h)))
+
+
+def test_row_mask_layer_called_twice_matches_reference():
+    torch.manual_seed(1)
+    model = _TwiceAndKeyword().double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    case, ref = Case("twice", model, x, y), Case("twice", copy.deepcopy(model), x, y)
+    sel = masks.select("rows", 0.5, ref.params(), ref.model, torch.Generator().manual_seed(4))
+    assert len(sel.row_layers) == 2 and sel.row_leaves[1][1] is None  # frozen bias: constant
+    expected = _masked_reference(ref, sel.index, rtol=1e-6)
+    opt = torchsven.Sven(model, lr=1.0, rtol=1e-6, param_fraction=0.5, mask="rows", seed=4)
+    assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
+
+
 def test_row_mask_conv_matches_reference():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1)).double()
@@ -456,8 +486,8 @@ def allowed_combinations():
         kw = {"precondition": pre, "momentum": mom, "variable_rank": vr, "randomized": rnd}
         if mask is not None:
             kw.update(param_fraction=0.6, mask=mask)
-        if rnd:
-            kw["rank"] = 6
+        if rnd:  # rank 6 of N = 10 rows: a true truncation; the sketch (10 columns) is full
+            kw.update(rank=6, power_iters=0)
         yield kw
 
 
@@ -642,3 +672,35 @@ def test_globalized_step_that_raises_rolls_back_the_generator():
     with pytest.raises(TypeError):
         opt.step(lambda: None)
     assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]
+
+
+def test_docs_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "options.md").read_text()
+    block = text.split("<!-- options-example:start -->")[1].split("<!-- options-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "options.md", "exec"), scope)
+    opt = scope["opt"]
+    assert opt.last_step.loss < 0.05 * 0.5 * float(scope["y"].square().sum())
+    assert [h.step for h in opt.spectrum_history] == [0, 5, 10, 15, 20, 25]
+
+
+@settings(max_examples=25)
+@given(
+    total=st.integers(1, 200),
+    fraction=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31),
+    numels=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+)
+def test_selection_properties(total, fraction, seed, numels):
+    g = torch.Generator().manual_seed(seed)
+    idx = masks.entry_selection(total, fraction, g)
+    assert idx.numel() == min(total, max(1, round(fraction * total)))
+    assert idx.unique().numel() == idx.numel() and bool((idx >= 0).all() & (idx < total).all())
+    chosen = masks.tensor_selection(numels, fraction, g)
+    assert (
+        chosen == sorted(set(chosen))
+        and sum(numels[i] for i in chosen) >= fraction * sum(numels) - 1e-9
+    )

@@ -99,6 +99,12 @@ class VariantOptions:
         )
 
     @property
+    def needs_generic(self) -> bool:
+        """Whether only the generic backend runs these options: a materialised J, or
+        row masks (their leaf tensors belong to no module the factored hooks see)."""
+        return self.needs_jacobian or (self.param_fraction < 1.0 and self.mask == "rows")
+
+    @property
     def changes_direction(self) -> bool:
         """Masks, ``"pre"`` or randomized: the direction itself differs."""
         return self.param_fraction < 1.0 or self.precondition == "pre" or self.randomized
@@ -256,11 +262,11 @@ def check_variant_options(
             "precondition, momentum, variable_rank, param_fraction < 1 and randomized cannot "
             "be combined with process_group (distributed Sven) yet; spectrum_every can"
         )
-    if opts.needs_jacobian and backend not in ("auto", "generic"):
+    if opts.needs_generic and backend not in ("auto", "generic"):
         raise ValueError(
             f"backend={backend!r} cannot be combined with precondition='pre', variable_rank, "
-            "randomized or mask='entries' with param_fraction < 1: they need the "
-            "materialised Jacobian (backend='generic' or 'auto')"
+            "randomized or mask='entries'/'rows' with param_fraction < 1: they run on the "
+            "generic backend (backend='generic' or 'auto')"
         )
     return opts
 
@@ -404,7 +410,7 @@ class Variants:
         filt = opt.filter
         sel = select(o.mask, o.param_fraction, params, opt.model, self.generator)
         primary, generic = opt._backends()
-        if o.needs_jacobian:
+        if o.needs_generic:
             primary = generic
         with primary.capture(sel.solve_params) as captured, sel.hooks(), torch.enable_grad():
             out = closure()
