@@ -18,6 +18,7 @@ from torch import nn
 
 import torchsven
 from torchsven import masks
+from torchsven.backends import BACKENDS
 from torchsven.randomized import nystrom_coefficients, randomized_step, randomized_svd
 from torchsven.solve import SpectralFilter, gram_coefficients
 from torchsven.variable_rank import greedy_prefix, spectral_components
@@ -117,7 +118,9 @@ def test_post_and_momentum_match_reference(kw):
 
     case, ref = small_case(2), small_case(2)
     expected = _reference_run(ref, 3, lr, transform)
-    opt = torchsven.Sven(case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, **kw)
+    opt = torchsven.Sven(
+        case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, backend="generic", **kw
+    )
     for e in expected:
         assert rel_err(sven_update(opt, case, lr), e) < TOL
     assert rel_err(flat(case.params()), flat(ref.params())) < TOL
@@ -228,7 +231,13 @@ def test_masks_match_reference(mask):
     case, ref = small_case(11), small_case(11)
     g = torch.Generator().manual_seed(seed)
     opt = torchsven.Sven(
-        case.model, lr=lr, rtol=1e-6, param_fraction=fraction, mask=mask, seed=seed
+        case.model,
+        lr=lr,
+        rtol=1e-6,
+        param_fraction=fraction,
+        mask=mask,
+        seed=seed,
+        backend="generic",  # the exact SVD route: 1e-10 at rtol 1e-6 (a Gram route is ~1e-8)
     )
     for _ in range(2):
         sel = masks.select(mask, fraction, ref.params(), ref.model, g)
@@ -704,3 +713,35 @@ def test_selection_properties(total, fraction, seed, numels):
         chosen == sorted(set(chosen))
         and sum(numels[i] for i in chosen) >= fraction * sum(numels) - 1e-9
     )
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_backend_independent_options_match_reference(backend):
+    """Tensor masks, "post" and momentum run on every backend (the factored one too)."""
+    fraction, seed, lr, mu, alpha, eps = 0.5, 3, 0.3, 0.6, 0.9, 1e-7
+    case, ref = small_case(17), small_case(17)
+    kw = {
+        "param_fraction": fraction,
+        "mask": "tensors",
+        "seed": seed,
+        "momentum": mu,
+        "precondition": "post",
+        "rmsprop_alpha": alpha,
+        "rmsprop_eps": eps,
+    }
+    opt = torchsven.Sven(case.model, lr=lr, rtol=1e-6, backend=backend, **kw)
+    g = torch.Generator().manual_seed(seed)
+    v = b = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
+    for _ in range(2):
+        sel = masks.select("tensors", fraction, ref.params(), ref.model, g)
+        u = _masked_reference(ref, sel.index, rtol=1e-6)
+        v = alpha * v + (1 - alpha) * u * u
+        b = mu * b + u / (v.sqrt() + eps)
+        assert rel_err(sven_update(opt, case, lr), b) < 1e-9
+        with torch.no_grad():
+            for p, dp in zip(ref.params(), _split(b, ref.params()), strict=True):
+                p.sub_(lr * dp)
+    for other in BACKENDS:  # options that need the generic backend refuse the others
+        if other not in ("auto", "generic"):
+            with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
+                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
