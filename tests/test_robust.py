@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -438,3 +439,24 @@ def test_mixed_lrs_with_rows_outside_the_graph_raise_and_change_nothing():
     opt.param_groups[0]["lr"] = 1.0  # one lr: the backend's J step is used
     opt.step(case.residuals)
     assert opt.last_step is not snap[2] and math.isfinite(opt.last_step.extras["gain_ratio"])
+
+
+def test_adaptive_never_increases_the_objective_where_plain_sven_does():
+    # On a small tanh MLP the plain Sven step with a fine cut overshoots (6.9 -> 4e6)
+    # and saturates the tanh units for good; with adaptive damping the objective is
+    # monotone (a rejected step is undone) and the realisable fit is reached.
+    def losses(**kwargs):
+        case = mlp(n=16, width=6, seed=2)
+        opt = torchsven.Sven(case.model, **kwargs)
+        out = []
+        for _ in range(30):
+            opt.step(case.residuals)
+            out.append(opt.last_step.loss)
+        return out
+
+    plain = losses(rtol=1e-6)
+    adaptive = losses(damping="adaptive")
+    assert any(b > 1e3 * a for a, b in itertools.pairwise(plain))
+    assert plain[-1] > 0.5 * plain[0]
+    assert all(b <= a for a, b in itertools.pairwise(adaptive))
+    assert adaptive[-1] < 1e-5 * adaptive[0]
