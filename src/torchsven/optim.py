@@ -21,6 +21,7 @@ from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
 from .errors import SvenFallbackWarning
 from .info import StepInfo
+from .microbatch import check_microbatch_size, group_rows
 from .solve import SOLVERS, SpectralFilter
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
@@ -104,8 +105,14 @@ class Sven(torch.optim.Optimizer):
         rtol: relative cut on singular values.
         atol: absolute cut on singular values.
         damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``).
-        backend: "auto" (the fastest exact backend available) or "generic".
+        backend: "auto" (factored when the model is known, falling back to generic
+            for any step it cannot compute exactly), "factored" or "generic".
         model: the module the parameters belong to, when ``params`` are groups.
+        microbatch_size: one residual row per group of this many samples (dim 0
+            of the closure's output): ``R_g = ||r[group g]||_2``, see
+            :mod:`torchsven.microbatch`; None: every residual is a row.
+        verify: factored backend's coupling probe: "auto" (first step and
+            whenever the model's structure changes) or "always".
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
 
@@ -129,6 +136,8 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        microbatch_size: int | None = None,
+        verify: str = "auto",
     ) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
@@ -142,6 +151,12 @@ class Sven(torch.optim.Optimizer):
         self.options = _check_options(rank, rtol, atol, damping, backend, solver)
         self.chunk_bytes = chunk_bytes
         self.model = model
+        self.microbatch_size = check_microbatch_size(microbatch_size)
+        if verify not in ("auto", "always"):
+            raise ValueError(f"verify must be 'auto' or 'always', got {verify!r}")
+        self.verify = verify
+        self._backend_cache: tuple[tuple, Backend, GenericBackend] | None = None
+        self._backends()  # backend="factored" without a model fails here
         self.last_step: StepInfo | None = None
         self._steps = 0
         self._warned: set[str] = set()
@@ -226,9 +241,20 @@ class Sven(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
-        generic = GenericBackend(self.options["solver"], self.chunk_bytes)
-        primary = make_backend(self.options["backend"], self.model, generic)
-        return primary, generic
+        # Kept across steps: the factored backend remembers which model structures
+        # passed its coupling probe.
+        key = (self.options["backend"], self.options["solver"], self.chunk_bytes)
+        if self._backend_cache is None or self._backend_cache[0] != key:
+            generic = GenericBackend(self.options["solver"], self.chunk_bytes)
+            primary = make_backend(
+                self.options["backend"],
+                self.model,
+                generic,
+                microbatch_size=self.microbatch_size,
+                verify=self.verify,
+            )
+            self._backend_cache = (key, primary, generic)
+        return self._backend_cache[1], self._backend_cache[2]
 
     def _direction(
         self,
@@ -237,11 +263,12 @@ class Sven(torch.optim.Optimizer):
         rows: Tensor,
         params: list[Tensor],
         captured: Any,
+        output: Tensor | None = None,
     ) -> tuple[Direction, str]:
         if primary is generic:
             return generic.direction(rows, params, self.filter), generic.name
         try:
-            return primary.direction(rows, params, self.filter, captured), primary.name
+            return primary.direction(rows, params, self.filter, captured, output), primary.name
         except FallbackRequired as why:
             if why.reason not in self._warned:
                 self._warned.add(why.reason)
@@ -265,10 +292,12 @@ class Sven(torch.optim.Optimizer):
         with primary.capture(params) as captured, torch.enable_grad():
             out = closure()
         rows = residual_rows(out)
+        if self.microbatch_size is not None:
+            rows = group_rows(out, self.microbatch_size)
         check_finite(rows.detach(), "the residual rows returned by the closure")
         if not params:
             return out, rows, generic.direction(rows, [], self.filter), generic.name
-        direction, used = self._direction(primary, generic, rows, params, captured)
+        direction, used = self._direction(primary, generic, rows, params, captured, out)
         flat = torch.cat([d.reshape(-1) for d in direction.step])
         check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         return out, rows, direction, used
