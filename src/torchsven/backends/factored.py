@@ -196,9 +196,9 @@ class Recorder:
                 slot = call.grads[index]
                 if len(slot) < self.passes:
                     slot.extend([None] * (self.passes - len(slot)))
-                slot[self.pass_index] = g if slot[self.pass_index] is None else slot[
-                    self.pass_index
-                ] + g
+                slot[self.pass_index] = (
+                    g if slot[self.pass_index] is None else slot[self.pass_index] + g
+                )
 
         return hook
 
@@ -267,7 +267,28 @@ class FactoredBackend(Backend):
         if not isinstance(captured, Recorder):
             raise FallbackRequired("the closure ran without the factored backend's hooks")
         try:
-            return self._direction(rows.reshape(-1), list(params), filt, captured, output)
+            rows = rows.reshape(-1)
+            params = list(params)
+            contributions, layout = self._factors(rows, params, captured, output)
+            return self._solve(rows, params, filt, contributions, layout)
+        finally:
+            captured.release()
+
+    def gram_matrix(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        captured: Any,
+        output: Tensor | None = None,
+    ) -> Tensor:
+        """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
+        if not isinstance(captured, Recorder):
+            raise FallbackRequired("the closure ran without the factored backend's hooks")
+        try:
+            rows = rows.reshape(-1)
+            params = list(params)
+            contributions, layout = self._factors(rows, params, captured, output)
+            return self._gram(rows, params, contributions, layout)[0]
         finally:
             captured.release()
 
@@ -465,19 +486,20 @@ class FactoredBackend(Backend):
             if not err <= tol * scale:
                 raise FallbackRequired(
                     f"{what}: the hooks on module '{module_name}' do not reproduce autograd's "
-                    f"gradient of '{names.get(id(p), '?')}' (relative error {err / max(scale, 1e-300):.1e}"
+                    f"gradient of '{names.get(id(p), '?')}' "
+                    f"(relative error {err / max(scale, 1e-300):.1e}"
                     "; a module used in a way the hooks cannot see, derivatives of the network "
                     "in the residual, or samples coupled)"
                 )
 
-    def _direction(
+    def _factors(
         self,
         rows: Tensor,
         params: list[Tensor],
-        filt: SpectralFilter,
         recorder: Recorder,
         output: Tensor | None,
-    ) -> Direction:
+    ) -> tuple[dict[int, list[tuple[Term, str, str]]], RowLayout]:
+        """Backward(s), per-layer terms, guard and (when due) the coupling probe."""
         layout = self._layout(rows, output)
         self._static_checks(recorder, layout)
         signature = self._signature(recorder, layout, params)
@@ -502,16 +524,16 @@ class FactoredBackend(Backend):
             self._verified[signature] = why.reason
             raise
         self._verified[signature] = None
-        return self._solve(rows, params, filt, contributions, layout)
+        return contributions, layout
 
-    def _solve(
+    def _gram(
         self,
         rows: Tensor,
         params: list[Tensor],
-        filt: SpectralFilter,
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
-    ) -> Direction:
+    ) -> tuple[Tensor, list[Tensor]]:
+        """K (R, R) float64 and the materialised per-row gradients of shared parameters."""
         gram = torch.zeros(layout.rows, layout.rows, dtype=_F64, device=rows.device)
         by_term: dict[int, tuple[Term, list[str]]] = {}
         shared: list[list[tuple[Term, str, str]]] = []
@@ -531,6 +553,17 @@ class FactoredBackend(Backend):
             shared_rows.append(per_row)
             gram += per_row @ per_row.mT
         check_finite(gram, "the Gram matrix of the residual rows")
+        return gram, shared_rows
+
+    def _solve(
+        self,
+        rows: Tensor,
+        params: list[Tensor],
+        filt: SpectralFilter,
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Direction:
+        gram, shared_rows = self._gram(rows, params, contributions, layout)
         rows64 = rows.detach().to(_F64)
         coeffs, solution = gram_coefficients(gram, rows64, filt)
         step: list[Tensor] = []

@@ -31,6 +31,7 @@ the cheaper is chosen per layer and per step.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -68,7 +69,8 @@ class RowLayout:
     group: int = 1
 
     def to_rows(self, t: Tensor) -> Tensor:
-        """Sample-indexed (S, ...) -> row-batched (R, b, ...); short groups repeat the last sample."""
+        """Sample-indexed (S, ...) -> row-batched (R, b, ...); a short last group repeats its
+        last sample (its output gradients are zero there)."""
         if self.outputs > 1:
             return t.repeat_interleave(self.outputs, dim=0).unsqueeze(1)
         if self.group > 1:
@@ -196,9 +198,11 @@ class LinearLikeTerm(Term):
             a2, g2 = a[:, 0], g[:, 0]  # (R, q, d)
             if groups == 1:
                 return (a2[:, 0] @ a2[:, 0].mT) * (g2[:, 0] @ g2[:, 0].mT)
-            return torch.einsum("iqk,jqk->ijq", a2, a2).mul_(
-                torch.einsum("iqo,jqo->ijq", g2, g2)
-            ).sum(-1)
+            return (
+                torch.einsum("iqk,jqk->ijq", a2, a2)
+                .mul_(torch.einsum("iqo,jqo->ijq", g2, g2))
+                .sum(-1)
+            )
         out = a.new_zeros(rows, rows)
         block = max(1, GHOST_BLOCK_ELEMS // max(1, rows * positions * positions * groups))
         for start in range(0, rows, block):
@@ -245,13 +249,16 @@ class LinearLikeTerm(Term):
     def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
         if name != self.weight_name or probe is None:
             return super().sketch(name, w, probe)
-        rows, positions, groups, dk = self.a.shape
+        rows, _, groups, dk = self.a.shape
         u = probe.reshape(groups, dk).to(self.a.dtype)
         au = torch.einsum("rtqk,qk->rtq", self.a, u)  # (R, T, q)
         value = torch.einsum("r,rtqo,rtq->qo", w.to(self.g.dtype), self.g, au)
         bound = float(
-            (w.abs() * self.g.reshape(rows, -1).to(_F64).norm(dim=1)
-             * au.reshape(rows, -1).to(_F64).norm(dim=1)).sum()
+            (
+                w.abs()
+                * self.g.reshape(rows, -1).to(_F64).norm(dim=1)
+                * au.reshape(rows, -1).to(_F64).norm(dim=1)
+            ).sum()
         )
         return Sketch(value.to(_F64).reshape(-1), bound)
 
@@ -269,8 +276,9 @@ class LinearLikeTerm(Term):
         return None
 
 
-def linear_factors(x: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None],
-                   out_like: Tensor) -> tuple[Tensor, Tensor]:
+def linear_factors(
+    x: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None], out_like: Tensor
+) -> tuple[Tensor, Tensor]:
     """Linear on (S, *lead, d_in): A (R, b T, 1, d_in), G (R, b T, 1, d_out)."""
     a = layout.to_rows(x.detach())
     g = layout.grads_to_rows(g_passes, out_like)
@@ -289,8 +297,11 @@ def _explicit_conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tens
     spatial = 1 if isinstance(module, nn.Conv1d) else 2
     if module.padding_mode != "zeros":
         # nn.ConvNd pads explicitly with this mode, then convolves without padding.
-        x = F.pad(x if spatial == 2 else x.squeeze(2), module._reversed_padding_repeated_twice,
-                  mode=module.padding_mode)
+        x = F.pad(
+            x if spatial == 2 else x.squeeze(2),
+            module._reversed_padding_repeated_twice,
+            mode=module.padding_mode,
+        )
         if spatial == 1:
             x = x.unsqueeze(2)
         padding: tuple[int, int] = (0, 0)
@@ -313,8 +324,13 @@ def _explicit_conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tens
     return x, (kernel, dilation, padding, stride)
 
 
-def conv_factors(module: nn.Conv1d | nn.Conv2d, x: Tensor, layout: RowLayout,
-                 g_passes: Sequence[Tensor | None], out_like: Tensor) -> tuple[Tensor, Tensor]:
+def conv_factors(
+    module: nn.Conv1d | nn.Conv2d,
+    x: Tensor,
+    layout: RowLayout,
+    g_passes: Sequence[Tensor | None],
+    out_like: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Conv1d/Conv2d by im2col: A (R, b L, q, C_in/q k), G (R, b L, q, C_out/q)."""
     x4, (kernel, dilation, padding, stride) = _explicit_conv_input(module, x.detach())
     cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)  # (S, Ck, L)
@@ -337,8 +353,9 @@ class EmbeddingTerm(Term):
     per-row gradient restricted to the used vocabulary, whichever is cheaper.
     """
 
-    def __init__(self, idx: Tensor, g: Tensor, params: dict[str, Tensor], name: str,
-                 padding_idx: int | None) -> None:
+    def __init__(
+        self, idx: Tensor, g: Tensor, params: dict[str, Tensor], name: str, padding_idx: int | None
+    ) -> None:
         if padding_idx is not None:
             g = g * (idx != padding_idx).unsqueeze(-1).to(g.dtype)
         self.idx, self.g, self.params, self.name = idx, g, params, name
@@ -346,7 +363,7 @@ class EmbeddingTerm(Term):
     def _used_rows(self) -> tuple[Tensor, Tensor]:
         """Per-row gradients on the used vocabulary (R, U, d) and the used indices (U,)."""
         used, inverse = torch.unique(self.idx, return_inverse=True)
-        rows, positions = self.idx.shape
+        rows = self.idx.shape[0]
         out = self.g.new_zeros(rows, used.numel(), self.g.shape[-1])
         out.scatter_add_(1, inverse.unsqueeze(-1).expand(-1, -1, self.g.shape[-1]), self.g)
         return out, used
@@ -395,8 +412,9 @@ class EmbeddingTerm(Term):
         return Sketch(value, float((w.abs() * norms).sum()))
 
 
-def embedding_factors(idx: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None],
-                      out_like: Tensor) -> tuple[Tensor, Tensor]:
+def embedding_factors(
+    idx: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None], out_like: Tensor
+) -> tuple[Tensor, Tensor]:
     """Indices (R, b T) and output gradients (R, b T, d)."""
     i = layout.to_rows(idx)
     g = layout.grads_to_rows(g_passes, out_like)
@@ -413,8 +431,15 @@ class NormTerm(Term):
     the shape the per-row (R, ...) result takes.
     """
 
-    def __init__(self, xhat: Tensor, g: Tensor, params: dict[str, Tensor],
-                 weight_name: str | None, bias_name: str | None, channel_dim: int | None) -> None:
+    def __init__(
+        self,
+        xhat: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        weight_name: str | None,
+        bias_name: str | None,
+        channel_dim: int | None,
+    ) -> None:
         self.params = params
         self.weight_name, self.bias_name = weight_name, bias_name
         rows = g.shape[0]
@@ -438,8 +463,11 @@ class NormTerm(Term):
                 self._rows[bias_name] = moved_g.sum(1)
 
     def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
-        return {n: t.reshape(t.shape[0], *self.params[n].shape)
-                for n, t in self._rows.items() if n in names}
+        return {
+            n: t.reshape(t.shape[0], *self.params[n].shape)
+            for n, t in self._rows.items()
+            if n in names
+        }
 
 
 def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
@@ -472,8 +500,13 @@ class GenericTerm(Term):
     backend's probe checks that).
     """
 
-    def __init__(self, module: nn.Module, calls: Sequence[tuple[tuple, dict, list, list]],
-                 params: dict[str, Tensor], layout: RowLayout) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        calls: Sequence[tuple[tuple, dict, list, list]],
+        params: dict[str, Tensor],
+        layout: RowLayout,
+    ) -> None:
         self.params = params
         names = list(params)
         total: dict[str, Tensor] | None = None
@@ -486,17 +519,26 @@ class GenericTerm(Term):
         return {n: self._rows[n] for n in names if n in self._rows}
 
 
-def _vmap_rows(module: nn.Module, names: list[str], params: dict[str, Tensor], args: tuple,
-               kwargs: dict, out_leaves: list[Tensor], g_passes: list[list[Tensor | None]],
-               layout: RowLayout) -> dict[str, Tensor]:
+def _vmap_rows(
+    module: nn.Module,
+    names: list[str],
+    params: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    out_leaves: list[Tensor],
+    g_passes: list[list[Tensor | None]],
+    layout: RowLayout,
+) -> dict[str, Tensor]:
     leaves, spec = tree_flatten((args, kwargs))
     batched = [
         isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == layout.samples for t in leaves
     ]
     if not any(batched):
         raise TermError("no input has the batch (rows') size in dim 0")
-    in_leaves = [layout.to_rows(t.detach()) if b else (t.detach() if isinstance(t, Tensor) else t)
-                 for t, b in zip(leaves, batched, strict=True)]
+    in_leaves = [
+        layout.to_rows(t.detach()) if b else (t.detach() if isinstance(t, Tensor) else t)
+        for t, b in zip(leaves, batched, strict=True)
+    ]
     tensor_slots = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
     tensors = [in_leaves[i] for i in tensor_slots]
     t_dims = [0 if batched[i] else None for i in tensor_slots]
@@ -520,13 +562,20 @@ def _vmap_rows(module: nn.Module, names: list[str], params: dict[str, Tensor], a
         return total
 
     try:
-        return vmap(grad(row_loss), in_dims=(None, t_dims, [0] * len(gs)),
-                    randomness="error")(pvals, tensors, gs)
+        with warnings.catch_warnings(), torch.no_grad():
+            # vmap loops over ops without a batching rule: exact, only slower.
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            per_row = vmap(
+                grad(row_loss), in_dims=(None, t_dims, [0] * len(gs)), randomness="error"
+            )(pvals, tensors, gs)
+        return {n: t.detach() for n, t in per_row.items()}
     except TermError:
         raise
     except Exception as exc:  # vmap cannot run this module per row
-        raise TermError(f"per-row gradients by torch.func failed ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise TermError(
+            f"per-row gradients by torch.func failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
 
 
 def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
