@@ -108,6 +108,8 @@ class Recorder:
         self.passes = 1
         self.pass_index = 0
         self.active = True
+        #: tensor hooks store gradients only during the backend's own backward passes
+        self.armed = False
         self._stack: list[int] = []
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
@@ -192,7 +194,7 @@ class Recorder:
 
     def _grad_hook(self, call: Call, index: int):
         def hook(g: Tensor) -> None:
-            if self.active:
+            if self.active and self.armed:
                 slot = call.grads[index]
                 if len(slot) < self.passes:
                     slot.extend([None] * (self.passes - len(slot)))
@@ -361,6 +363,7 @@ class FactoredBackend(Backend):
             for slot in call.grads:
                 slot.extend([None] * (m - len(slot)))
         total: list[Tensor] | None = None
+        recorder.armed = True
         for j in range(m):
             recorder.pass_index = j
             if m == 1:
@@ -371,7 +374,7 @@ class FactoredBackend(Backend):
                 weights = weights.reshape(-1)
             grads = self._backward(rows, params, weights)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
-        recorder.active = False
+        recorder.active = recorder.armed = False
         assert total is not None
         return total
 
