@@ -380,3 +380,9 @@ def test_jacobian_helper_unchanged_for_generic_users():
     jac = jacobian(case.residuals().reshape(-1), params)
     ref, _ = dense_jacobian(case.residuals, params)
     assert rel_err(jac, ref) <= 1e-14
+
+
+def test_microbatch_refuses_globalised_steps():
+    case = mlp(n=6, width=4)
+    with pytest.raises(ValueError, match="microbatch_size cannot be combined"):
+        torchsven.Sven(case.model, microbatch_size=2, damping="adaptive")

@@ -326,7 +326,7 @@ def _adaptive(
         saved = _snapshot(params)
         opt._apply(params, lrs, direction.step)
         try:
-            f_trial = counted.trial(counted.first.numel())
+            f_trial = counted.trial(rows64.numel())
         except BaseException:
             _restore(params, saved)
             raise
@@ -375,7 +375,7 @@ def _backtrack(
             if trials:
                 _restore(params, saved)
             opt._apply(params, [alpha * lr for lr in lrs], direction.step)
-            f_trial = counted.trial(counted.first.numel())
+            f_trial = counted.trial(rows64.numel())
             trials += 1
             if math.isfinite(f_trial) and f_trial <= f0 - search.armijo * alpha * slope:
                 robust.counts["accepted"] += 1

@@ -260,6 +260,15 @@ class Sven(torch.optim.Optimizer):
         if verify not in ("auto", "always"):
             raise ValueError(f"verify must be 'auto' or 'always', got {verify!r}")
         self.verify = verify
+        if self.microbatch_size is not None and (
+            self._data_parallel is not None
+            or self.options["line_search"]
+            or isinstance(self.options["damping"], AdaptiveDamping)
+        ):
+            raise ValueError(
+                "microbatch_size cannot be combined with process_group, line_search or "
+                "damping='adaptive' (their trial calls compare per-sample rows)"
+            )
         self._backend_cache: tuple[tuple, Backend, GenericBackend] | None = None
         self._backends()  # backend="factored" without a model fails here
         self.last_step: StepInfo | None = None
