@@ -12,15 +12,19 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchsven
-from cases import Case, mlp
-from reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 from torchsven import masks
+from torchsven.backends import BACKENDS
 from torchsven.randomized import nystrom_coefficients, randomized_step, randomized_svd
 from torchsven.solve import SpectralFilter, gram_coefficients
 from torchsven.variable_rank import greedy_prefix, spectral_components
+
+from .cases import Case, mlp
+from .reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 
 TOL = 1e-10
 
@@ -114,7 +118,9 @@ def test_post_and_momentum_match_reference(kw):
 
     case, ref = small_case(2), small_case(2)
     expected = _reference_run(ref, 3, lr, transform)
-    opt = torchsven.Sven(case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, **kw)
+    opt = torchsven.Sven(
+        case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, backend="generic", **kw
+    )
     for e in expected:
         assert rel_err(sven_update(opt, case, lr), e) < TOL
     assert rel_err(flat(case.params()), flat(ref.params())) < TOL
@@ -225,7 +231,13 @@ def test_masks_match_reference(mask):
     case, ref = small_case(11), small_case(11)
     g = torch.Generator().manual_seed(seed)
     opt = torchsven.Sven(
-        case.model, lr=lr, rtol=1e-6, param_fraction=fraction, mask=mask, seed=seed
+        case.model,
+        lr=lr,
+        rtol=1e-6,
+        param_fraction=fraction,
+        mask=mask,
+        seed=seed,
+        backend="generic",  # the exact SVD route: 1e-10 at rtol 1e-6 (a Gram route is ~1e-8)
     )
     for _ in range(2):
         sel = masks.select(mask, fraction, ref.params(), ref.model, g)
@@ -280,6 +292,33 @@ def test_row_mask_skips_full_weight_gradients_and_leaves_model_alone():
     assert fired == []  # autograd never formed a gradient of a whole user weight
     assert {name: set(vars(m)) for name, m in case.model.named_modules()} == before
     assert all(not m._forward_hooks for m in case.model.modules())
+
+
+class _TwiceAndKeyword(nn.Module):
+    """A layer called twice, a call by keyword, a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(input=torch.tanh(self.inner(h)))
+
+
+def test_row_mask_layer_called_twice_matches_reference():
+    torch.manual_seed(1)
+    model = _TwiceAndKeyword().double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    case, ref = Case("twice", model, x, y), Case("twice", copy.deepcopy(model), x, y)
+    sel = masks.select("rows", 0.5, ref.params(), ref.model, torch.Generator().manual_seed(4))
+    assert len(sel.row_layers) == 2 and sel.row_leaves[1][1] is None  # frozen bias: constant
+    expected = _masked_reference(ref, sel.index, rtol=1e-6)
+    opt = torchsven.Sven(model, lr=1.0, rtol=1e-6, param_fraction=0.5, mask="rows", seed=4)
+    assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
 
 
 def test_row_mask_conv_matches_reference():
@@ -456,8 +495,8 @@ def allowed_combinations():
         kw = {"precondition": pre, "momentum": mom, "variable_rank": vr, "randomized": rnd}
         if mask is not None:
             kw.update(param_fraction=0.6, mask=mask)
-        if rnd:
-            kw["rank"] = 6
+        if rnd:  # rank 6 of N = 10 rows: a true truncation; the sketch (10 columns) is full
+            kw.update(rank=6, power_iters=0)
         yield kw
 
 
@@ -575,21 +614,134 @@ def test_variable_rank_rejects_non_finite_prefix():
     assert opt.last_step.extras["closure_calls"] == calls["n"] == 3
 
 
-def test_robust_options_combine_with_spectrum_only():
+def test_globalized_steps_combine_with_direction_options_only():
     case = small_case(15)
     with pytest.raises(ValueError, match="cannot be combined with damping='adaptive' or line_"):
         torchsven.Sven(case.model, damping="adaptive", momentum=0.5)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        torchsven.Sven(case.model, line_search="backtracking", param_fraction=0.5)
     with pytest.raises(ValueError, match="cannot be combined with on_nonfinite='skip'"):
         torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
+    with pytest.raises(ValueError, match="precondition='post', momentum and variable_rank"):
+        torchsven.Sven(case.model, line_search="backtracking", precondition="post")
+    from torchsven.variants import check_variant_options
+
+    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
+        check_variant_options(distributed=True, param_fraction=0.5)
+    assert check_variant_options(distributed=True, spectrum_every=3).spectrum_every == 3
+
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):
         opt.step(case.residuals)
     assert [h.step for h in opt.spectrum_history] == [0, 2]
     assert opt.spectrum_history[-1].loss == opt.last_step.loss
-    from torchsven.variants import check_variant_options
 
-    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
-        check_variant_options(conflicts="process_group (distributed Sven)", momentum=0.5)
-    assert check_variant_options(conflicts="process_group", spectrum_every=3).spectrum_every == 3
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"damping": "adaptive", "param_fraction": 0.5, "mask": "rows", "precondition": "pre"},
+        {"line_search": "backtracking", "param_fraction": 0.5, "mask": "entries"},
+        {
+            "damping": "adaptive",
+            "randomized": True,
+            "rank": 6,
+            "param_fraction": 0.6,
+            "mask": "tensors",
+        },
+    ],
+)
+def test_direction_options_under_globalized_steps(kw):
+    case = _teacher_case(1)
+    opt = torchsven.Sven(case.model, lr=1.0, **kw)
+    start = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(3):
+        before = flat(case.params())
+        opt.step(case.residuals)
+        moved = (flat(case.params()) != before).sum()
+        assert int(moved) < before.numel()  # only the selected entries move (if any)
+    for _ in range(9):
+        opt.step(case.residuals)
+    assert 0.5 * float(case.residuals().detach().square().sum()) < 0.5 * start
+    if kw.get("precondition") == "pre":
+        assert all("square_avg" in opt.state[p] for p in case.params())
+    state = copy.deepcopy(opt.state_dict())  # resumable under the globalized step too
+    twin = _teacher_case(1)
+    twin.model.load_state_dict(case.model.state_dict())
+    opt2 = torchsven.Sven(twin.model, lr=1.0, **kw)
+    opt2.load_state_dict(state)
+    opt.step(case.residuals)
+    opt2.step(twin.residuals)
+    assert torch.equal(flat(case.params()), flat(twin.params()))
+
+
+def test_globalized_step_that_raises_rolls_back_the_generator():
+    case = small_case(16)
+    opt = torchsven.Sven(case.model, damping="adaptive", param_fraction=0.5, mask="entries")
+    opt.step(case.residuals)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError):
+        opt.step(lambda: None)
+    assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]
+
+
+def test_docs_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "options.md").read_text()
+    block = text.split("<!-- options-example:start -->")[1].split("<!-- options-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "options.md", "exec"), scope)
+    opt = scope["opt"]
+    assert opt.last_step.loss < 0.05 * 0.5 * float(scope["y"].square().sum())
+    assert [h.step for h in opt.spectrum_history] == [0, 5, 10, 15, 20, 25]
+
+
+@settings(max_examples=25)
+@given(
+    total=st.integers(1, 200),
+    fraction=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31),
+    numels=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+)
+def test_selection_properties(total, fraction, seed, numels):
+    g = torch.Generator().manual_seed(seed)
+    idx = masks.entry_selection(total, fraction, g)
+    assert idx.numel() == min(total, max(1, round(fraction * total)))
+    assert idx.unique().numel() == idx.numel() and bool((idx >= 0).all() & (idx < total).all())
+    chosen = masks.tensor_selection(numels, fraction, g)
+    assert (
+        chosen == sorted(set(chosen))
+        and sum(numels[i] for i in chosen) >= fraction * sum(numels) - 1e-9
+    )
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_backend_independent_options_match_reference(backend):
+    """Tensor masks, "post" and momentum run on every backend (the factored one too)."""
+    fraction, seed, lr, mu, alpha, eps = 0.5, 3, 0.3, 0.6, 0.9, 1e-7
+    case, ref = small_case(17), small_case(17)
+    kw = {
+        "param_fraction": fraction,
+        "mask": "tensors",
+        "seed": seed,
+        "momentum": mu,
+        "precondition": "post",
+        "rmsprop_alpha": alpha,
+        "rmsprop_eps": eps,
+    }
+    opt = torchsven.Sven(case.model, lr=lr, rtol=1e-6, backend=backend, **kw)
+    g = torch.Generator().manual_seed(seed)
+    v = b = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
+    for _ in range(2):
+        sel = masks.select("tensors", fraction, ref.params(), ref.model, g)
+        u = _masked_reference(ref, sel.index, rtol=1e-6)
+        v = alpha * v + (1 - alpha) * u * u
+        b = mu * b + u / (v.sqrt() + eps)
+        assert rel_err(sven_update(opt, case, lr), b) < 1e-9
+        with torch.no_grad():
+            for p, dp in zip(ref.params(), _split(b, ref.params()), strict=True):
+                p.sub_(lr * dp)
+    for other in BACKENDS:  # options that need the generic backend refuse the others
+        if other not in ("auto", "generic"):
+            with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
+                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
