@@ -484,6 +484,8 @@ class FactoredBackend(Backend):
                 )
                 bound = float(value.abs().sum())
                 expected = ref.to(_F64).reshape(-1)
+            check_finite(value, "the Jacobian of the residual rows")
+            check_finite(expected, "the Jacobian of the residual rows")
             err = float((value - expected).norm())
             scale = bound + float(expected.norm())
             if not err <= tol * scale:
