@@ -745,3 +745,38 @@ def test_backend_independent_options_match_reference(backend):
         if other not in ("auto", "generic"):
             with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
                 torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
+
+
+def test_precondition_pre_with_mask_matches_reference():
+    """``v`` moves only on the selected entries; the step is ``d (J_S diag(d_S))^+ r``."""
+    alpha, eps, lr, fraction, seed = 0.5, 1e-6, 0.3, 0.5, 2
+    case, ref = small_case(18), small_case(18)
+    opt = torchsven.Sven(
+        case.model,
+        lr=lr,
+        rtol=1e-6,
+        precondition="pre",
+        rmsprop_alpha=alpha,
+        rmsprop_eps=eps,
+        param_fraction=fraction,
+        mask="entries",
+        seed=seed,
+    )
+    g = torch.Generator().manual_seed(seed)
+    v = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
+    for _ in range(3):
+        index = masks.select("entries", fraction, ref.params(), ref.model, g).index
+        jac, r = dense_jacobian(ref.residuals, ref.params())
+        js = jac[:, index]
+        v[index] = alpha * v[index] + (1 - alpha) * (js.T @ r / r.numel()) ** 2
+        d = 1.0 / (v[index].sqrt() + eps)
+        inner, _, s = reference_step(js * d, r, rtol=1e-6)
+        assert_gap(s, 1e-6 * float(s[0]))
+        expected = torch.zeros_like(v)
+        expected[index] = d * inner
+        assert rel_err(sven_update(opt, case, lr), expected) < TOL
+        with torch.no_grad():
+            for p, dp in zip(ref.params(), _split(expected, ref.params()), strict=True):
+                p.sub_(lr * dp)
+    state_v = torch.cat([opt.state[p]["square_avg"].reshape(-1) for p in case.params()])
+    assert torch.equal(state_v == 0, v == 0) and rel_err(state_v, v) < TOL

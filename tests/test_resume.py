@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
+import warnings
 
 import pytest
 import torch
@@ -156,3 +158,23 @@ def _layout(obj):
     if isinstance(obj, torch.Tensor):
         return ("tensor", tuple(obj.shape), obj.dtype)
     return type(obj).__name__
+
+
+@pytest.mark.parametrize("setting", ["adaptive", "backtracking", "skip"])
+def test_live_tensors_do_not_grow_over_a_run(setting):
+    # rejected steps restore from a copy; nothing of a step may stay referenced
+    case = mlp(n=6, width=3)
+    opt = torchsven.Sven(case.model, **SETTINGS[setting])
+
+    def live_tensors():
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+            warnings.simplefilter("ignore")
+            return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+    for _ in range(5):
+        opt.step(case.residuals)
+    before = live_tensors()
+    for _ in range(30):
+        opt.step(case.residuals)
+    assert live_tensors() == before
