@@ -258,7 +258,17 @@ def raising_rank(rank: int, world: int) -> dict:
         nan_raised = (type(exc).__name__, str(exc))
     unchanged = unchanged and flat(model) == before and opt.last_step is None
     opt.step(lambda: model(x[0, part]) - y[0, part])  # the group still works
-    return {"raised": raised, "nan": nan_raised, "unchanged": unchanged, "after": flat(model)}
+    after = flat(model)
+    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=dist.group.WORLD)
+    skipping.step(lambda: (model(x[1, part]) - y[1, part]) / (rank != world - 1))
+    skipped = skipping.last_step.extras.get("skipped") is True and flat(model) == after
+    return {
+        "raised": raised,
+        "nan": nan_raised,
+        "unchanged": unchanged,
+        "after": after,
+        "skipped": skipped,
+    }
 
 
 @check
@@ -425,6 +435,7 @@ def _check_raising(ranks: list[dict], world: int) -> None:
         kind, message = out["nan"]
         assert kind == "NonFiniteError" and "rank(s) [0]" in message
         assert out["after"] == raising[0]["after"]
+        assert out["skipped"], rank  # on_nonfinite="skip": every rank skips together
     assert raising[0]["after"] != flat(build(4 * world)[0])
 
 

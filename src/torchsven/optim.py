@@ -25,6 +25,7 @@ from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
+from .residuals import groups_of
 from .solve import SOLVERS, SpectralFilter
 from .variants import VARIANT_OPTIONS, Variants, check_variant_options
 
@@ -461,7 +462,19 @@ class Sven(torch.optim.Optimizer):
         Raises (and changes nothing: parameters, state and ``last_step`` stay as
         they were) on a closure that returns no tensor, a 0-dim or non-float
         tensor, rows without a grad_fn, or non-finite rows or Jacobian.
+        Rows made by :func:`torchsven.residuals.stack` get their per-group
+        norms reported in ``last_step.extras["groups"]``.
         """
+        out = self._step(closure)
+        # --- residual groups (torchsven.residuals.stack): per-group norms before the step
+        layout = groups_of(out)
+        if layout is not None and self.last_step is not None:
+            extras = {**self.last_step.extras, "groups": layout.report()}
+            self.last_step = dataclasses.replace(self.last_step, extras=extras)
+        # --- end residual groups
+        return out
+
+    def _step(self, closure: Callable[[], Tensor]) -> Tensor:
         if closure is None or not callable(closure):
             raise TypeError(
                 "Sven.step needs a closure that returns residual rows, e.g. "
