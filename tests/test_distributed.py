@@ -478,12 +478,13 @@ def test_bench_traffic_formulas() -> None:
     assert layers == [(8, 64), (64, 64), (64, 1)]
     n_params = sum(d_in * d_out + d_out for d_in, d_out in layers)
     got = factored_bytes(256, layers, n_params)
-    # per row: the residual and x, g of each Linear, float64
+    # per row: the residual and x, g of each Linear, float64; the step in float32
     assert got == {
         "gathered": 8 * 256 * (1 + 72 + 128 + 65),
-        "broadcast": 8 * 256,
-        "reduced": 8 * n_params,
+        "broadcast": 8 * 3 * 256,
+        "reduced": 4 * n_params,
     }
+
     assert project_seconds(1e9, 2, (1e9, 1e-3)) == pytest.approx(1.002)
 
 

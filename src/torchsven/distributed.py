@@ -676,9 +676,11 @@ class DataParallel:
             coeffs, s, global_rows, row_change = torch.split(body, [n_total, k, n_total, n_total])
             start = int(sizes[: self.rank].sum())
             local_c = coeffs[start : start + rows.numel()]
-            step = layout.transpose_product(params, local_c)
+            # J_r^T c_r in the parameters' dtype (the factors' precision; DDP's bytes)
+            step = layout.transpose_product(params, local_c).to(params[0].dtype)
             self._timed(lambda: dist.all_reduce(step, group=self.group))
             self.traffic.reduced += step.numel() * step.element_size()
+            step = step.to(torch.float64)
             if not bool(torch.isfinite(step).all()):
                 return _Outcome(_NONFINITE, -1)
             solution = SpectralSolution(s.cpu().clone(), kept, "gram")
