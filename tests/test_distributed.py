@@ -481,7 +481,7 @@ def test_bench_traffic_formulas() -> None:
     # per row: the residual and x, g of each Linear, float64; the step in float32
     assert got == {
         "gathered": 8 * 256 * (1 + 72 + 128 + 65),
-        "broadcast": 8 * 3 * 256,
+        "broadcast": 8 * 4 * 256,
         "reduced": 4 * n_params,
     }
 

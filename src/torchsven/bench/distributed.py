@@ -59,7 +59,7 @@ def factored_bytes(
     per_row = 1 + sum(d_in + d_out for d_in, d_out in layers)
     return {
         "gathered": 8 * n_rows * per_row,
-        "broadcast": 8 * 3 * n_rows,
+        "broadcast": 8 * 4 * n_rows,
         "reduced": itemsize * n_params,
     }
 
