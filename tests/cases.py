@@ -31,8 +31,16 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def mlp(n: int = 12, d_in: int = 3, width: int = 8, d_out: int = 1, *, dtype=torch.float64,
-        seed: int = 0, act: type[nn.Module] = nn.Tanh) -> Case:
+def mlp(
+    n: int = 12,
+    d_in: int = 3,
+    width: int = 8,
+    d_out: int = 1,
+    *,
+    dtype=torch.float64,
+    seed: int = 0,
+    act: type[nn.Module] = nn.Tanh,
+) -> Case:
     torch.manual_seed(seed)
     model = nn.Sequential(
         nn.Linear(d_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, d_out)
@@ -59,8 +67,9 @@ def convnet(n: int = 6, *, dtype=torch.float64, seed: int = 0) -> Case:
     return Case(f"convnet-n{n}", model, x, y)
 
 
-def linear_rank_deficient(n: int = 10, d: int = 6, rank: int = 3, *, dtype=torch.float64,
-                          seed: int = 0) -> Case:
+def linear_rank_deficient(
+    n: int = 10, d: int = 6, rank: int = 3, *, dtype=torch.float64, seed: int = 0
+) -> Case:
     """A bias-free Linear on inputs of rank ``rank``: J has rank ``rank`` exactly."""
     torch.manual_seed(seed)
     g = _gen(seed + 1)
@@ -81,9 +90,7 @@ CASES: dict[str, Callable[..., Case]] = {
 }
 
 
-def matrix_with_spectrum(
-    n: int, p: int, singular_values: list[float], *, seed: int = 0
-) -> Tensor:
+def matrix_with_spectrum(n: int, p: int, singular_values: list[float], *, seed: int = 0) -> Tensor:
     """(n, p) float64 matrix ``U diag(s) V^T`` with exactly the given singular values."""
     k = len(singular_values)
     assert k <= min(n, p)

@@ -12,7 +12,9 @@ import torch
 from torch import Tensor
 
 
-def dense_jacobian(rows_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def dense_jacobian(
+    rows_fn: Callable[[], Tensor], params: Sequence[Tensor]
+) -> tuple[Tensor, Tensor]:
     """(J (N, P) float64, r (N,) float64) by one plain autograd backward per row."""
     rows = rows_fn().reshape(-1)
     jac = []

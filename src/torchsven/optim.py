@@ -8,6 +8,7 @@ is in :mod:`torchsven.solve`, the Jacobian work in :mod:`torchsven.backends`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,14 +20,25 @@ from torch import Tensor, nn
 from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
+from .damping import AdaptiveDamping, parse_damping, serialize_damping
 from .errors import SvenFallbackWarning
+from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
 from .solve import SOLVERS, SpectralFilter
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
 
 #: Options that hold for the whole solve; a param group may not set them.
-GLOBAL_OPTIONS = ("rank", "rtol", "atol", "damping", "backend", "solver")
+GLOBAL_OPTIONS = (
+    "rank",
+    "rtol",
+    "atol",
+    "damping",
+    "backend",
+    "solver",
+    "line_search",
+    "on_nonfinite",
+)
 
 
 def _check_nonnegative(name: str, value: Any) -> float:
@@ -38,7 +50,14 @@ def _check_nonnegative(name: str, value: Any) -> float:
 
 
 def _check_options(
-    rank: Any, rtol: Any, atol: Any, damping: Any, backend: Any, solver: Any
+    rank: Any,
+    rtol: Any,
+    atol: Any,
+    damping: Any,
+    backend: Any,
+    solver: Any,
+    line_search: Any = None,
+    on_nonfinite: Any = "raise",
 ) -> dict[str, Any]:
     """Validate the global options; returns them normalised."""
     if rank is not None:
@@ -50,13 +69,22 @@ def _check_options(
         raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
     if not isinstance(solver, str) or solver not in SOLVERS:
         raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
+    damping = parse_damping(damping)
+    line_search = parse_line_search(line_search)
+    if line_search is not None and isinstance(damping, AdaptiveDamping):
+        raise ValueError(
+            "line_search needs a fixed damping (a number); damping='adaptive' already "
+            "rejects steps that do not reduce the objective"
+        )
     return {
         "rank": rank,
         "rtol": _check_nonnegative("rtol", rtol),
         "atol": _check_nonnegative("atol", atol),
-        "damping": _check_nonnegative("damping", damping),
+        "damping": damping,
         "backend": backend,
         "solver": solver,
+        "line_search": line_search,
+        "on_nonfinite": parse_on_nonfinite(on_nonfinite),
     }
 
 
@@ -103,11 +131,18 @@ class Sven(torch.optim.Optimizer):
         rank: keep at most this many singular directions (None: no cap).
         rtol: relative cut on singular values.
         atol: absolute cut on singular values.
-        damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``).
+        damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``), or "adaptive"
+            (Levenberg-Marquardt: ``mu = lambda s_1^2`` with ``lambda`` set by the
+            gain ratio; steps that do not reduce ``0.5 ||r||^2`` are undone; one more
+            closure call per step), or a :class:`torchsven.AdaptiveDamping` with options.
         backend: "auto" (the fastest exact backend available) or "generic".
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        line_search: None, or "backtracking" (or a :class:`torchsven.BacktrackingLineSearch`):
+            Armijo backtracking on ``lr`` (fixed damping only).
+        on_nonfinite: "raise" (:class:`torchsven.NonFiniteError`, nothing changed) or
+            "skip" (the step is skipped, counted and reported in ``last_step.extras``).
 
     ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
     closure returns residual rows of any shape (``model(x) - y``), and ``step``
@@ -123,12 +158,14 @@ class Sven(torch.optim.Optimizer):
         rank: int | None = None,
         rtol: float = 1e-3,
         atol: float = 1e-10,
-        damping: float = 0.0,
+        damping: float | str | AdaptiveDamping = 0.0,
         backend: str = "auto",
         *,
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        line_search: str | bool | None = None,
+        on_nonfinite: str = "raise",
     ) -> None:
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
@@ -139,7 +176,10 @@ class Sven(torch.optim.Optimizer):
         _check_nonnegative("lr", lr)
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        self.options = _check_options(rank, rtol, atol, damping, backend, solver)
+        self.options = _check_options(
+            rank, rtol, atol, damping, backend, solver, line_search, on_nonfinite
+        )
+        self._robust = RobustState()
         self.chunk_bytes = chunk_bytes
         self.model = model
         self.last_step: StepInfo | None = None
@@ -207,11 +247,23 @@ class Sven(torch.optim.Optimizer):
     def filter(self) -> SpectralFilter:
         """The spectral filter the next step uses."""
         o = self.options
+        if isinstance(o["damping"], AdaptiveDamping):
+            state = self._robust.damping
+            factor = o["damping"].init if state is None else state.factor
+            return SpectralFilter(o["rank"], o["rtol"], o["atol"], 0.0, relative_damping=factor)
         return SpectralFilter(o["rank"], o["rtol"], o["atol"], o["damping"])
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["sven"] = {"options": dict(self.options), "steps": self._steps}
+        options = dict(self.options)
+        options["damping"] = serialize_damping(options["damping"])
+        if options["line_search"] is not None:
+            options["line_search"] = dataclasses.asdict(options["line_search"])
+        state["sven"] = {
+            "options": options,
+            "steps": self._steps,
+            "robust": self._robust.to_dict(),
+        }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -223,6 +275,7 @@ class Sven(torch.optim.Optimizer):
         if sven is not None:
             self.options = options
             self._steps = int(sven["steps"])
+            self._robust = RobustState.from_dict(sven.get("robust", {}))
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
@@ -262,13 +315,14 @@ class Sven(torch.optim.Optimizer):
         of the backend that computed it. Changes nothing.
         """
         primary, generic = self._backends()
-        with primary.capture(params) as captured, torch.enable_grad():
-            out = closure()
-        rows = residual_rows(out)
-        check_finite(rows.detach(), "the residual rows returned by the closure")
-        if not params:
-            return out, rows, generic.direction(rows, [], self.filter), generic.name
-        direction, used = self._direction(primary, generic, rows, params, captured)
+        with torch.enable_grad():  # also for the backends' autograd calls after the closure
+            with primary.capture(params) as captured:
+                out = closure()
+            rows = residual_rows(out)
+            check_finite(rows.detach(), "the residual rows returned by the closure")
+            if not params:
+                return out, rows, generic.direction(rows, [], self.filter), generic.name
+            direction, used = self._direction(primary, generic, rows, params, captured)
         flat = torch.cat([d.reshape(-1) for d in direction.step])
         check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         return out, rows, direction, used
@@ -280,14 +334,21 @@ class Sven(torch.optim.Optimizer):
             for p, d, lr in zip(params, step, lrs, strict=True):
                 p.add_(d.to(p.dtype), alpha=-lr)
 
-    def _info(self, rows: Tensor, direction: Direction, backend: str, **extras: Any) -> StepInfo:
+    def _info(
+        self,
+        rows: Tensor,
+        direction: Direction,
+        backend: str,
+        damping: float | None = None,
+        **extras: Any,
+    ) -> StepInfo:
         sq = float(rows.detach().to(torch.float64).square().sum())
         return StepInfo(
             loss=0.5 * sq,
             residual_norm=math.sqrt(sq),
             singular_values=direction.solution.singular_values,
             kept=direction.solution.kept,
-            damping=self.options["damping"],
+            damping=self.options["damping"] if damping is None else damping,
             backend=backend,
             solver=direction.solution.solver,
             rows=rows.numel(),
@@ -307,6 +368,13 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
+        o = self.options
+        if (
+            isinstance(o["damping"], AdaptiveDamping)
+            or o["line_search"]
+            or o["on_nonfinite"] != "raise"
+        ):
+            return robust_step(self, closure, params, lrs)  # torchsven.globalize
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
         self._steps += 1

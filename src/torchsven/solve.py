@@ -56,12 +56,21 @@ class SpectralFilter:
         atol: drop ``s_i <= atol``.
         damping: Tikhonov / Levenberg-Marquardt ``mu >= 0`` in units of ``s^2``:
             the inverse ``1/s`` becomes ``s / (s^2 + mu)``.
+        relative_damping: ``lambda >= 0`` adding ``lambda * s_1^2`` to ``mu``
+            (scale-free damping, used by ``damping="adaptive"``).
     """
 
     rank: int | None = None
     rtol: float = 1e-3
     atol: float = 1e-10
     damping: float = 0.0
+    relative_damping: float = 0.0
+
+    def mu(self, s_max: float | Tensor) -> float:
+        """The absolute damping ``mu + lambda * s_1^2`` for largest singular value ``s_max``."""
+        if self.relative_damping == 0:
+            return self.damping
+        return self.damping + self.relative_damping * float(s_max) ** 2
 
     def keep(self, singular_values: Tensor, floor: float = 0.0) -> Tensor:
         """Boolean mask (k,) of the kept directions of descending ``singular_values``."""
@@ -80,7 +89,8 @@ class SpectralFilter:
         s = singular_values
         mask = self.keep(s, floor)
         safe = torch.where(mask, s, torch.ones_like(s))
-        phi = safe / (safe * safe + self.damping) if self.damping > 0 else 1.0 / safe
+        mu = self.mu(s[0]) if s.numel() else 0.0
+        phi = safe / (safe * safe + mu) if mu > 0 else 1.0 / safe
         return torch.where(mask, phi, torch.zeros_like(s)), mask
 
     def inverse_square(self, eigenvalues: Tensor, floor: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -92,7 +102,7 @@ class SpectralFilter:
         s = torch.sqrt(torch.clamp(eigenvalues, min=0.0))
         mask = self.keep(s, floor)
         safe = torch.where(mask, eigenvalues, torch.ones_like(eigenvalues))
-        weights = 1.0 / (safe + self.damping)
+        weights = 1.0 / (safe + (self.mu(s[0]) if s.numel() else 0.0))
         return torch.where(mask, weights, torch.zeros_like(weights)), mask
 
 
