@@ -384,3 +384,11 @@ def test_group_may_not_set_robust_options(key):
     opt = torchsven.Sven([x])
     with pytest.raises(ValueError, match=key):
         opt.add_param_group({"params": [y], key: "skip"})
+
+
+def test_rtol_default_depends_on_the_damping():
+    x = torch.zeros(2, requires_grad=True)
+    assert torchsven.Sven([x]).options["rtol"] == 1e-3
+    assert torchsven.Sven([x], damping=0.5).options["rtol"] == 1e-3
+    assert torchsven.Sven([x], damping="adaptive").options["rtol"] == 0.0
+    assert torchsven.Sven([x], damping="adaptive", rtol=1e-4).options["rtol"] == 1e-4

@@ -9,18 +9,24 @@ from .errors import NonFiniteError, SvenFallbackWarning
 from .globalize import BacktrackingLineSearch
 from .info import StepInfo
 from .optim import Sven
+from .polyak import PolyakSGD
 from .residuals import from_errors, from_losses
+from .spectrum import SpectrumRecord, effective_rank, plot_spectrum
 
 __all__ = [
     "AdaptiveDamping",
     "BacktrackingLineSearch",
     "NonFiniteError",
+    "PolyakSGD",
+    "SpectrumRecord",
     "StepInfo",
     "Sven",
     "SvenFallbackWarning",
     "__version__",
+    "effective_rank",
     "from_errors",
     "from_losses",
+    "plot_spectrum",
 ]
 
 __version__ = "0.1.0"

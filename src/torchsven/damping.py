@@ -22,6 +22,7 @@ from typing import Any
 __all__ = [
     "AdaptiveDamping",
     "DampingState",
+    "default_rtol",
     "gain_ratio",
     "nielsen_update",
     "parse_damping",
@@ -98,6 +99,16 @@ def parse_damping(value: Any) -> float | AdaptiveDamping:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"damping must be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def default_rtol(damping: float | AdaptiveDamping) -> float:
+    """``rtol=None``: the paper's 1e-3 cut, or none under adaptive damping.
+
+    Adaptive damping filters small singular values by ``s / (s^2 + lambda s_1^2)``
+    and lets them in as ``lambda`` shrinks near a solution; a fixed cut would keep
+    it from converging on ill-conditioned problems (badly scaled parameters).
+    """
+    return 0.0 if isinstance(damping, AdaptiveDamping) else 1e-3
 
 
 def serialize_damping(value: float | AdaptiveDamping) -> float | dict[str, float]:

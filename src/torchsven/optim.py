@@ -20,11 +20,13 @@ from torch import Tensor, nn
 from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
-from .damping import AdaptiveDamping, parse_damping, serialize_damping
+from .damping import AdaptiveDamping, default_rtol, parse_damping, serialize_damping
+from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
 from .solve import SOLVERS, SpectralFilter
+from .variants import VARIANT_OPTIONS, Variants, check_variant_options
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
 
@@ -38,6 +40,7 @@ GLOBAL_OPTIONS = (
     "solver",
     "line_search",
     "on_nonfinite",
+    *VARIANT_OPTIONS,
 )
 
 
@@ -78,7 +81,7 @@ def _check_options(
         )
     return {
         "rank": rank,
-        "rtol": _check_nonnegative("rtol", rtol),
+        "rtol": default_rtol(damping) if rtol is None else _check_nonnegative("rtol", rtol),
         "atol": _check_nonnegative("atol", atol),
         "damping": damping,
         "backend": backend,
@@ -129,7 +132,8 @@ class Sven(torch.optim.Optimizer):
             backends) or an iterable of tensors / param-group dicts.
         lr: step size, per group; a group with ``lr = 0`` is frozen (left out of J).
         rank: keep at most this many singular directions (None: no cap).
-        rtol: relative cut on singular values.
+        rtol: relative cut on singular values; None: 1e-3 (the paper's), or 0 with
+            ``damping="adaptive"`` (the damping takes the place of the cut).
         atol: absolute cut on singular values.
         damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``), or "adaptive"
             (Levenberg-Marquardt: ``mu = lambda s_1^2`` with ``lambda`` set by the
@@ -139,10 +143,32 @@ class Sven(torch.optim.Optimizer):
         model: the module the parameters belong to, when ``params`` are groups.
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
+        process_group: a ``torch.distributed`` process group for exact
+            data-parallel steps (each rank passes its local rows; the step equals
+            one process on the concatenated batch), or None for one process.
+            See :mod:`torchsven.distributed`.
         line_search: None, or "backtracking" (or a :class:`torchsven.BacktrackingLineSearch`):
             Armijo backtracking on ``lr`` (fixed damping only).
         on_nonfinite: "raise" (:class:`torchsven.NonFiniteError`, nothing changed) or
             "skip" (the step is skipped, counted and reported in ``last_step.extras``).
+        precondition: RMSProp-style diagonal preconditioning: None, "pre" (scale
+            J's columns by ``d = 1/(sqrt(v)+eps)``, v the running mean of the
+            squared objective gradient ``J^T r / N``, and map the solution back:
+            ``d * (J diag(d))^+ r``) or "post" (divide the update by the root of
+            its own running mean square).
+        rmsprop_alpha: decay of the running mean square ``v``, in [0, 1).
+        rmsprop_eps: added to ``sqrt(v)``, > 0.
+        momentum: heavy-ball momentum on the update, ``b <- mu b + u``, in [0, 1).
+        variable_rank: keep the best prefix of the rank-1 components (in order
+            of singular value) by evaluating the objective (more closure calls).
+        param_fraction: update this fraction of the trainable entries per step, in (0, 1].
+        mask: how the fraction is drawn: "entries", "tensors" or "rows" (output
+            rows of Linear / ConvNd layers; needs the model).
+        seed: seed of the generator for masks and randomized sketches.
+        randomized: randomized truncated SVD of J with target ``rank`` (needs rank).
+        oversample: extra sketch columns of the randomized SVD.
+        power_iters: power iterations of the randomized SVD.
+        spectrum_every: record the spectrum every n steps in ``opt.spectrum_history``.
 
     ``step(closure)`` calls the closure under ``torch.enable_grad()``; the
     closure returns residual rows of any shape (``model(x) - y``), and ``step``
@@ -156,7 +182,7 @@ class Sven(torch.optim.Optimizer):
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1.0,
         rank: int | None = None,
-        rtol: float = 1e-3,
+        rtol: float | None = None,
         atol: float = 1e-10,
         damping: float | str | AdaptiveDamping = 0.0,
         backend: str = "auto",
@@ -164,9 +190,27 @@ class Sven(torch.optim.Optimizer):
         model: nn.Module | None = None,
         solver: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        process_group: Any = None,
         line_search: str | bool | None = None,
         on_nonfinite: str = "raise",
+        precondition: str | None = None,
+        rmsprop_alpha: float = 0.99,
+        rmsprop_eps: float = 1e-8,
+        momentum: float = 0.0,
+        variable_rank: bool = False,
+        param_fraction: float = 1.0,
+        mask: str = "entries",
+        seed: int = 0,
+        randomized: bool = False,
+        oversample: int = 10,
+        power_iters: int = 2,
+        spectrum_every: int | None = None,
     ) -> None:
+        # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
+        check_not_ddp(params, "params")
+        check_not_ddp(model, "model")
+        self._data_parallel = make_data_parallel(process_group)
+        # --- end distributed
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("model= must be the same module as the first argument")
@@ -181,11 +225,34 @@ class Sven(torch.optim.Optimizer):
         )
         self._robust = RobustState()
         self.chunk_bytes = chunk_bytes
+        # --- options of the paper's method (torchsven.variants) ---
+        self._variants = Variants(
+            check_variant_options(
+                self.options["rank"],
+                self.options["backend"],
+                model is not None,
+                self._variant_conflicts(),
+                precondition=precondition,
+                rmsprop_alpha=rmsprop_alpha,
+                rmsprop_eps=rmsprop_eps,
+                momentum=momentum,
+                variable_rank=variable_rank,
+                param_fraction=param_fraction,
+                mask=mask,
+                seed=seed,
+                randomized=randomized,
+                oversample=oversample,
+                power_iters=power_iters,
+                spectrum_every=spectrum_every,
+            )
+        )
         self.model = model
         self.last_step: StepInfo | None = None
         self._steps = 0
         self._warned: set[str] = set()
         super().__init__(params, {"lr": float(lr)})
+        if self._data_parallel is not None:  # distributed: same parameters on every rank
+            self._data_parallel.check_parameters(self._trainable()[0])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -244,6 +311,11 @@ class Sven(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------- state
     @property
+    def spectrum_history(self) -> list:
+        """Spectrum records, one every ``spectrum_every`` steps (:class:`SpectrumRecord`)."""
+        return self._variants.history
+
+    @property
     def filter(self) -> SpectralFilter:
         """The spectral filter the next step uses."""
         o = self.options
@@ -263,6 +335,7 @@ class Sven(torch.optim.Optimizer):
             "options": options,
             "steps": self._steps,
             "robust": self._robust.to_dict(),
+            "variants": self._variants.state_dict(),
         }
         return state
 
@@ -271,11 +344,32 @@ class Sven(torch.optim.Optimizer):
         sven = state_dict.pop("sven", None)
         if sven is not None:
             options = _check_options(**sven["options"])
+            variants = Variants(self._variants.options)
+            if "variants" in sven:
+                variants.load_state_dict(
+                    sven["variants"],
+                    options["rank"],
+                    options["backend"],
+                    self.model is not None,
+                    self._variant_conflicts(options),
+                )
         super().load_state_dict(state_dict)
         if sven is not None:
             self.options = options
             self._steps = int(sven["steps"])
+            self._variants = variants
             self._robust = RobustState.from_dict(sven.get("robust", {}))
+
+    def _variant_conflicts(self, options: dict[str, Any] | None = None) -> str | None:
+        """The set features that the step-changing options do not combine with, or None."""
+        o = self.options if options is None else options
+        if isinstance(o["damping"], AdaptiveDamping) or o["line_search"]:
+            return "damping='adaptive' or line_search"
+        if o["on_nonfinite"] != "raise":
+            return "on_nonfinite='skip'"
+        if self._data_parallel is not None:
+            return "process_group (distributed Sven)"
+        return None
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
@@ -314,6 +408,8 @@ class Sven(torch.optim.Optimizer):
         Returns the closure's output, its rows (N,), the direction and the name
         of the backend that computed it. Changes nothing.
         """
+        if self._data_parallel is not None:  # distributed: global rows and direction
+            return self._data_parallel.evaluate(self, closure, params)
         primary, generic = self._backends()
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
             with primary.capture(params) as captured:
@@ -342,6 +438,8 @@ class Sven(torch.optim.Optimizer):
         damping: float | None = None,
         **extras: Any,
     ) -> StepInfo:
+        if self._data_parallel is not None:  # distributed: communication volume
+            extras = {**self._data_parallel.extras(), **extras}
         sq = float(rows.detach().to(torch.float64).square().sum())
         return StepInfo(
             loss=0.5 * sq,
@@ -368,15 +466,24 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
+        if self._variants.options.changes_step:  # the paper's options (torchsven.variants)
+            return self._variants.step(self, closure, params, lrs)
         o = self.options
         if (
             isinstance(o["damping"], AdaptiveDamping)
             or o["line_search"]
             or o["on_nonfinite"] != "raise"
         ):
-            return robust_step(self, closure, params, lrs)  # torchsven.globalize
+            # --- distributed: the trial calls of a globalised step are collective too
+            if self._data_parallel is not None:
+                closure = self._data_parallel.collective_trials(closure)
+            # --- end distributed
+            out = robust_step(self, closure, params, lrs)  # torchsven.globalize
+            self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
+            return out
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)
         self._steps += 1
         self.last_step = self._info(rows, direction, used)
+        self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
         return out
