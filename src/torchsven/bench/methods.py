@@ -322,9 +322,13 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "polyak-sgd",
-            "torchsven.PolyakSGD: SGD with the Polyak step (the paper's baseline)",
+            "torchsven.PolyakSGD: SGD with the Polyak step, f*=0, grid over max_lr",
             _polyak,
-            _lr_grid([1.0, 0.5, 0.1], [1.0, 0.5]),
+            {
+                "full": [{"max_lr": 1.0}, {"max_lr": 0.3}, {"max_lr": 0.1}],
+                "quick": [{"max_lr": 1.0}, {"max_lr": 0.3}],
+                "tiny": [{"max_lr": 0.3}],
+            },
             availability=_has_polyak,
         ),
     ]
