@@ -3,7 +3,7 @@
     torchsven bench [--quick | --full] [--tasks a,b] [--methods x,y] [--seeds N]
                     [--out DIR] [--threads T] [--no-progress] [--no-plots]
     torchsven bench list-tasks | list-methods
-    torchsven bench report RESULTS.json [--out DIR] [--no-plots]
+    torchsven bench report RESULTS.json [MORE.json ...] [--out DIR] [--json MERGED.json]
     torchsven bench speed [...]        (torchsven.bench.speed)
     torchsven bench distributed [...]  (torchsven.bench.distributed)
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -114,23 +115,35 @@ def report(argv: Sequence[str]) -> int:
         prog="torchsven bench report",
         description="Render tables, plots and report.md from saved JSON.",
     )
-    p.add_argument("results", help="a results.json written by torchsven bench")
-    p.add_argument("--out", help="output directory (default: next to the JSON)")
+    p.add_argument(
+        "results", nargs="+", help="results.json file(s) written by torchsven bench (merged)"
+    )
+    p.add_argument("--out", help="output directory (default: next to the first JSON)")
+    p.add_argument("--json", help="also write the (merged) document to this path")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from .report import load_json
+    from .report import load_json, merge_documents, save_json
 
-    doc = load_json(args.results)
-    out = args.out or os.path.dirname(os.path.abspath(args.results))
+    try:
+        doc = merge_documents([load_json(path) for path in args.results])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"torchsven bench report: {e}") from None
+    out = args.out or os.path.dirname(os.path.abspath(args.results[0]))
+    if args.json:
+        save_json(doc, args.json)
     _outputs(doc, out, not args.no_plots, _console())
     return 0
 
 
 class _Progress:
-    """A rich progress bar per run, and a one-line result when it ends."""
+    """A rich progress bar per run, and a one-line result when it ends.
 
-    def __init__(self, console: Any, bars: bool) -> None:
-        self.console, self.bars = console, bars
+    With ``partial`` set, every finished run is also appended to that JSON-lines
+    file, so a long suite that is interrupted keeps what it measured.
+    """
+
+    def __init__(self, console: Any, bars: bool, partial: str | None = None) -> None:
+        self.console, self.bars, self.partial = console, bars, partial
         self.progress: Any = None
         self.current: Any = None
         self.started = 0.0
@@ -155,12 +168,14 @@ class _Progress:
             self.progress.__exit__(*exc)
 
     def started_run(self, task: Any, method: Any, setting: dict[str, Any], seed: int) -> Any:
+        from rich.markup import escape
+
         from .report import _setting
 
         self.started = time.perf_counter()
         if self.progress is None:
             return None
-        label = f"{task.name} {method.name} [{_setting(setting)}] seed {seed}"
+        label = escape(f"{task.name} {method.name} [{_setting(setting)}] seed {seed}")
         self.current = self.progress.add_task(label, total=task.num_epochs, loss="-")
         bar, current = self.progress, self.current
 
@@ -178,11 +193,15 @@ class _Progress:
         shown = ", ".join(f"{k} {_num(v)}" for k, v in metric.items())
         status = "ok" if not run.diverged else f"DIVERGED ({run.message})"
         self.console.print(
-            f"{run.task:14s} {run.method:11s} [{_setting(run.setting)}] seed {run.seed}: "
+            f"{run.task:14s} {run.method:11s} ({_setting(run.setting)}) seed {run.seed}: "
             f"{status}; val {shown}; {run.steps} steps, {run.train_time:.2f} s "
             f"({time.perf_counter() - self.started:.1f} s with evaluation)",
             highlight=False,
+            markup=False,
         )
+        if self.partial is not None:
+            with open(self.partial, "a") as f:
+                f.write(json.dumps(run.to_dict(), allow_nan=False) + "\n")
 
 
 def run(argv: Sequence[str]) -> int:
@@ -215,7 +234,10 @@ def run(argv: Sequence[str]) -> int:
             console.print(f"[dim]skipping {name}: not yet available ({why})[/dim]")
     os.makedirs(args.out, exist_ok=True)
     started = time.perf_counter()
-    with _Progress(console, bars) as progress:
+    partial = os.path.join(args.out, "runs.partial.jsonl")
+    if os.path.exists(partial):
+        os.remove(partial)
+    with _Progress(console, bars, partial) as progress:
         events = SuiteEvents(progress.started_run, progress.finished_run)
         results = run_suite(tasks, methods, seeds, events)
     elapsed = time.perf_counter() - started

@@ -28,6 +28,7 @@ __all__ = [
     "SCHEMA",
     "load_json",
     "make_document",
+    "merge_documents",
     "render_tables",
     "save_json",
     "summarise",
@@ -87,6 +88,33 @@ def load_json(path: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise ValueError(f"{path} is not a torchsven bench results file (schema {SCHEMA!r})")
     return doc
+
+
+def merge_documents(docs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One document from several (e.g. a suite run in parts): tasks, methods and runs.
+
+    The environment and config are the first document's; every part's config
+    is kept under ``config["parts"]``. A task may appear in several parts with
+    different methods; the same (task, method) in two parts is an error.
+    """
+    if not docs:
+        raise ValueError("merge_documents needs at least one document")
+    first = docs[0]
+    merged = {**first, "tasks": {}, "methods": {}, "runs": []}
+    owner: dict[tuple[str, str], int] = {}
+    for i, doc in enumerate(docs):
+        for run in doc["runs"]:
+            key = (run["task"], run["method"])
+            if owner.setdefault(key, i) != i:
+                raise ValueError(f"task {key[0]!r}, method {key[1]!r} is in more than one file")
+        for name, task in doc["tasks"].items():
+            merged["tasks"].setdefault(name, task)
+        merged["methods"].update(doc["methods"])
+        merged["runs"].extend(doc["runs"])
+    if len(docs) > 1:
+        merged["config"] = {**first["config"], "parts": [d["config"] for d in docs]}
+        merged["config"]["command"] = "; ".join(d["config"].get("command", "?") for d in docs)
+    return merged
 
 
 def runs_of(doc: dict[str, Any]) -> list[RunResult]:
