@@ -27,16 +27,53 @@ RTOL = 1e-6
 CAP = 20
 
 
-def build(n_total: int, seed: int = 0) -> tuple[nn.Module, list[dict], torch.Tensor, torch.Tensor]:
-    """Model (float64, 2 outputs, frozen first bias), param groups and (STEPS, N, .) data."""
+class Scale(nn.Module):
+    """A module with no factor rule: the factored backend uses per-row torch.func grads."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * self.s + 0.1 * torch.sin(h)
+
+
+class Mixed(nn.Module):
+    """Embedding -> LayerNorm -> Scale -> Linear (2 outputs): every kind of layer term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 4, dtype=torch.float64)
+        self.norm = nn.LayerNorm(4, dtype=torch.float64)
+        self.scale = Scale(12)
+        self.head = nn.Linear(12, 2, dtype=torch.float64)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.emb(idx)).reshape(idx.shape[0], -1)
+        return self.head(torch.tanh(self.scale(h)))
+
+
+def build(
+    n_total: int, seed: int = 0, kind: str = "mlp"
+) -> tuple[nn.Module, list[dict], torch.Tensor, torch.Tensor]:
+    """Model (float64, 2 outputs), param groups and (STEPS, N, .) data.
+
+    "mlp": Linear-Tanh-Linear with a frozen first bias and two lrs; "mixed":
+    :class:`Mixed` on token indices, one group.
+    """
     torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "mixed":
+        model = Mixed()
+        x = torch.randint(0, 50, (STEPS, n_total, 3), generator=g)
+        y = torch.randn(STEPS, n_total, 2, generator=g, dtype=torch.float64)
+        return model, [{"params": list(model.parameters()), "lr": LRS[0]}], x, y
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
     model[0].bias.requires_grad_(False)
     groups = [
         {"params": [model[0].weight, model[0].bias], "lr": LRS[0]},
         {"params": list(model[2].parameters()), "lr": LRS[1]},
     ]
-    g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(STEPS, n_total, 3, generator=g, dtype=torch.float64)
     y = torch.randn(STEPS, n_total, 2, generator=g, dtype=torch.float64)
     return model, groups, x, y
@@ -51,14 +88,16 @@ def local_slice(split: list[int], rank: int) -> slice:
     return slice(start, start + split[rank])
 
 
-def expected_run(split: list[int], rank: int | None) -> tuple[list[list[float]], list[dict]]:
+def expected_run(
+    split: list[int], rank: int | None, kind: str = "mlp", pde: bool = False
+) -> tuple[list[list[float]], list[dict]]:
     """Dense-SVD twin on the concatenated batch: params and diagnostics per step."""
-    model, groups, x, y = build(sum(split))
+    model, groups, x, y = build(sum(split), kind=kind)
     history, infos = [], []
     for t in range(STEPS):
         params = [p for g in groups for p in g["params"] if p.requires_grad]
         lrs = [g["lr"] for g in groups for p in g["params"] if p.requires_grad]
-        jac, rows = dense_jacobian(lambda t=t: model(x[t]) - y[t], params)
+        jac, rows = dense_jacobian(residual_fn(model, x[t], y[t], pde), params)
         step, kept, s = reference_step(jac, rows, rank=rank, rtol=RTOL)
         infos.append({"loss": 0.5 * float(rows.square().sum()), "kept": kept, "s": s.tolist()})
         offset = 0
@@ -70,17 +109,45 @@ def expected_run(split: list[int], rank: int | None) -> tuple[list[list[float]],
     return history, infos
 
 
-def _distributed_run(rank: int, world: int, split: list[int], cap: int | None) -> dict:
+def residual_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pde: bool):
+    """Closure: ``model(x) - y``, or with ``pde`` a residual holding ``d model / d x``."""
+
+    def rows() -> torch.Tensor:
+        if not pde:
+            return model(x) - y
+        xx = x.clone().requires_grad_(True)
+        u = model(xx)
+        (du,) = torch.autograd.grad(u.sum(), xx, create_graph=True)
+        return u - y + 0.5 * du[:, :2]
+
+    return rows
+
+
+def _distributed_run(
+    rank: int,
+    world: int,
+    split: list[int],
+    cap: int | None,
+    backend: str = "generic",
+    kind: str = "mlp",
+    pde: bool = False,
+) -> dict:
+    import warnings
+
     import torch.distributed as dist
 
     import torchsven
 
-    model, groups, x, y = build(sum(split))
-    opt = torchsven.Sven(groups, model=model, rank=cap, rtol=RTOL, process_group=dist.group.WORLD)
+    model, groups, x, y = build(sum(split), kind=kind)
+    opt = torchsven.Sven(
+        groups, model=model, rank=cap, rtol=RTOL, backend=backend, process_group=dist.group.WORLD
+    )
     part = local_slice(split, rank)
     history, infos = [], []
     for t in range(STEPS):
-        opt.step(lambda t=t: model(x[t, part]) - y[t, part])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step(residual_fn(model, x[t, part], y[t, part], pde))
         info = opt.last_step
         history.append(flat(model))
         infos.append(
@@ -90,6 +157,8 @@ def _distributed_run(rank: int, world: int, split: list[int], cap: int | None) -
                 "rows": info.rows,
                 "s": info.singular_values.tolist(),
                 "extras": dict(info.extras),
+                "backend": info.backend,
+                "warnings": [str(w.message) for w in caught],
             }
         )
     return {"history": history, "infos": infos}
@@ -125,6 +194,16 @@ def globalised(rank: int, world: int) -> dict:
 
 
 @check
+def example_script(rank: int, world: int) -> int:
+    """examples/distributed_regression.py (torchrun's entry point) on this group."""
+    import runpy
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "distributed_regression.py"
+    return runpy.run_path(str(path), run_name="example")["main"](["--steps", "3", "--batch", "11"])
+
+
+@check
 def uneven_generic(rank: int, world: int) -> dict:
     return _distributed_run(rank, world, SPLITS[world], None)
 
@@ -132,6 +211,21 @@ def uneven_generic(rank: int, world: int) -> dict:
 @check
 def even_generic(rank: int, world: int) -> dict:
     return _distributed_run(rank, world, EVEN[world], CAP)
+
+
+@check
+def uneven_factored(rank: int, world: int) -> dict:
+    return _distributed_run(rank, world, SPLITS[world], None, "factored")
+
+
+@check
+def mixed_factored(rank: int, world: int) -> dict:
+    return _distributed_run(rank, world, SPLITS[world], None, "factored", "mixed")
+
+
+@check
+def pde_fallback(rank: int, world: int) -> dict:
+    return _distributed_run(rank, world, SPLITS[world], None, "auto", "mlp", pde=True)
 
 
 @check
@@ -198,7 +292,53 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
     return {"errors": errors, "ddp": ddp_error}
 
 
-NAMES = ["globalised", "uneven_generic", "even_generic", "raising_rank", "disagreeing_ranks"]
+#: checks run with 3 processes (all of them run with 2; the machine has 2 cores)
+NAMES_3 = ["uneven_generic", "raising_rank"]
+NAMES = [
+    "example_script",
+    "globalised",
+    "uneven_generic",
+    "even_generic",
+    "raising_rank",
+    "disagreeing_ranks",
+]
+
+
+#: (check, split, rank cap, model kind, residual with input derivatives) per world size
+RUNS = {
+    world: [
+        ("uneven_generic", SPLITS[world], None, "mlp", False),
+        ("even_generic", EVEN[world], CAP, "mlp", False),
+    ]
+    for world in (2, 3)
+}
+BACKEND_USED = {
+    "uneven_generic": "generic",
+    "even_generic": "generic",
+    "uneven_factored": "factored",
+    "mixed_factored": "factored",
+    "pde_fallback": "generic",
+}
+#: parameters left out of J (frozen first bias of the MLP)
+FROZEN = {"mlp": 16, "mixed": 0}
+
+
+def _check_traffic(
+    name: str, extras: dict, world: int, split: list[int], n_params: int, n_sv: int
+) -> None:
+    """Bytes per step: exact for the generic path; for the factored path the
+    P-float all-reduce and a gather far below the generic path's J rows."""
+    padded = 2 * max(split) + 1  # rows of the largest rank + the status row
+    n_rows = 2 * sum(split)
+    jacobian_bytes = 8 * world * padded * (n_params + 1)
+    if BACKEND_USED[name] == "generic" and name != "pde_fallback":
+        assert extras["bytes_gathered"] == 8 * 4 * world + jacobian_bytes
+        assert extras["bytes_broadcast"] == 8 * (5 + n_params + n_sv + 2 * n_rows)
+        assert extras["bytes_reduced"] == 0
+    elif BACKEND_USED[name] == "factored":
+        assert extras["bytes_reduced"] == 8 * n_params
+        assert extras["bytes_gathered"] > 0
+        assert extras["bytes_broadcast"] == 8 * (5 + n_sv + 3 * n_rows)
 
 
 def as64(values: list[float]) -> torch.Tensor:
@@ -214,14 +354,15 @@ def _ok(result: tuple[str, object]) -> object:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_data_parallel_equals_one_process(world: int) -> None:
-    ranks = run_ranks(world, __name__, NAMES)
+    names = NAMES if world == 2 else NAMES_3
+    ranks = run_ranks(world, __name__, names)
     for rank_out in ranks:
         assert "__init__" not in rank_out, rank_out.get("__init__")
 
-    runs_and_caps = (("uneven_generic", SPLITS[world], None), ("even_generic", EVEN[world], CAP))
-    for name, split, cap in runs_and_caps:
-        expected, infos = expected_run(split, cap)
+    for name, split, cap, kind, pde in (run for run in RUNS[world] if run[0] in names):
+        expected, infos = expected_run(split, cap, kind, pde)
         runs = [_ok(r[name]) for r in ranks]
+        n_rows = 2 * sum(split)
         for t in range(STEPS):
             # bit-identical parameters on every rank after every step
             for run in runs[1:]:
@@ -230,20 +371,27 @@ def test_data_parallel_equals_one_process(world: int) -> None:
             assert rel_err(got, as64(expected[t])) <= 1e-10, (name, t)
             for rank, run in enumerate(runs):
                 info = run["infos"][t]
-                assert info["rows"] == 2 * sum(split)
+                assert info["backend"] == BACKEND_USED[name], (name, info["backend"])
+                assert info["rows"] == n_rows
                 assert abs(info["loss"] - infos[t]["loss"]) <= 1e-10 * infos[t]["loss"]
-                n_rows = 2 * sum(split)
                 assert info["kept"] == infos[t]["kept"] == min(cap or n_rows, n_rows)
                 assert rel_err(as64(info["s"]), as64(infos[t]["s"])) <= 1e-10
                 extras = info["extras"]
                 assert extras["world_size"] == world
                 assert extras["local_rows"] == 2 * split[rank]
-                n_params = 3 * 16 + 16 * 2 + 2  # frozen first bias is left out of J
-                padded = 2 * max(split) + 1
-                assert extras["bytes_gathered"] == 8 * (4 * world + world * padded * (n_params + 1))
-                step_bytes = 8 * (5 + n_params + len(infos[t]["s"]) + 4 * sum(split))
-                assert extras["bytes_broadcast"] == step_bytes
-                assert extras["bytes_reduced"] == 0
+                n_params = len(expected[t]) - FROZEN[kind]
+                _check_traffic(name, extras, world, split, n_params, len(infos[t]["s"]))
+        fallback_warned = [w for w in runs[0]["infos"][0]["warnings"] if "generic backend" in w]
+        assert bool(fallback_warned) == (name == "pde_fallback"), (name, fallback_warned)
+
+    if world == 2:
+        _check_two_process_only(ranks)
+    _check_raising(ranks, world)
+
+
+def _check_two_process_only(ranks: list[dict]) -> None:
+    world = len(ranks)
+    assert [_ok(r["example_script"]) for r in ranks] == [0] * world
 
     # adaptive damping and backtracking: same trial losses and decisions everywhere
     for name, options in GLOBALISED.items():
@@ -256,6 +404,15 @@ def test_data_parallel_equals_one_process(world: int) -> None:
             for t in range(STEPS):
                 assert rel_err(as64(out["history"][t]), as64(expected["history"][t])) <= 1e-10
 
+    for rank, r in enumerate(ranks):
+        out = _ok(r["disagreeing_ranks"])
+        assert len(out["errors"]) == 2, (rank, out)
+        assert "differ from rank 0" in out["errors"][0]
+        assert "learning rates" in out["errors"][1]
+        assert "DistributedDataParallel" in out["ddp"] and "ddp_model.module" in out["ddp"]
+
+
+def _check_raising(ranks: list[dict], world: int) -> None:
     raising = [_ok(r["raising_rank"]) for r in ranks]
     for rank, out in enumerate(raising):
         assert out["unchanged"], rank
@@ -269,13 +426,6 @@ def test_data_parallel_equals_one_process(world: int) -> None:
         assert kind == "NonFiniteError" and "rank(s) [0]" in message
         assert out["after"] == raising[0]["after"]
     assert raising[0]["after"] != flat(build(4 * world)[0])
-
-    for rank, r in enumerate(ranks):
-        out = _ok(r["disagreeing_ranks"])
-        assert len(out["errors"]) == 2, (rank, out)
-        assert "differ from rank 0" in out["errors"][0]
-        assert "learning rates" in out["errors"][1]
-        assert "DistributedDataParallel" in out["ddp"] and "ddp_model.module" in out["ddp"]
 
 
 def test_process_group_without_init_is_rejected() -> None:

@@ -282,6 +282,33 @@ def test_row_mask_skips_full_weight_gradients_and_leaves_model_alone():
     assert all(not m._forward_hooks for m in case.model.modules())
 
 
+class _TwiceAndKeyword(nn.Module):
+    """A layer called twice, a call by keyword, a frozen bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+        self.head.bias.requires_grad_(False)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x))
+        return self.head(input=torch.tanh(self.inner(h)))
+
+
+def test_row_mask_layer_called_twice_matches_reference():
+    torch.manual_seed(1)
+    model = _TwiceAndKeyword().double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+    y = torch.randn(7, 2, dtype=torch.float64)
+    case, ref = Case("twice", model, x, y), Case("twice", copy.deepcopy(model), x, y)
+    sel = masks.select("rows", 0.5, ref.params(), ref.model, torch.Generator().manual_seed(4))
+    assert len(sel.row_layers) == 2 and sel.row_leaves[1][1] is None  # frozen bias: constant
+    expected = _masked_reference(ref, sel.index, rtol=1e-6)
+    opt = torchsven.Sven(model, lr=1.0, rtol=1e-6, param_fraction=0.5, mask="rows", seed=4)
+    assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
+
+
 def test_row_mask_conv_matches_reference():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 1)).double()
@@ -456,8 +483,8 @@ def allowed_combinations():
         kw = {"precondition": pre, "momentum": mom, "variable_rank": vr, "randomized": rnd}
         if mask is not None:
             kw.update(param_fraction=0.6, mask=mask)
-        if rnd:
-            kw["rank"] = 6
+        if rnd:  # rank 6 of N = 10 rows: a true truncation; the sketch (10 columns) is full
+            kw.update(rank=6, power_iters=0)
         yield kw
 
 
@@ -575,21 +602,70 @@ def test_variable_rank_rejects_non_finite_prefix():
     assert opt.last_step.extras["closure_calls"] == calls["n"] == 3
 
 
-def test_robust_options_combine_with_spectrum_only():
+def test_globalized_steps_combine_with_direction_options_only():
     case = small_case(15)
     with pytest.raises(ValueError, match="cannot be combined with damping='adaptive' or line_"):
         torchsven.Sven(case.model, damping="adaptive", momentum=0.5)
-    with pytest.raises(ValueError, match="cannot be combined"):
-        torchsven.Sven(case.model, line_search="backtracking", param_fraction=0.5)
     with pytest.raises(ValueError, match="cannot be combined with on_nonfinite='skip'"):
         torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
+    with pytest.raises(ValueError, match="precondition='post', momentum and variable_rank"):
+        torchsven.Sven(case.model, line_search="backtracking", precondition="post")
+    from torchsven.variants import check_variant_options
+
+    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
+        check_variant_options(distributed=True, param_fraction=0.5)
+    assert check_variant_options(distributed=True, spectrum_every=3).spectrum_every == 3
+
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):
         opt.step(case.residuals)
     assert [h.step for h in opt.spectrum_history] == [0, 2]
     assert opt.spectrum_history[-1].loss == opt.last_step.loss
-    from torchsven.variants import check_variant_options
 
-    with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
-        check_variant_options(conflicts="process_group (distributed Sven)", momentum=0.5)
-    assert check_variant_options(conflicts="process_group", spectrum_every=3).spectrum_every == 3
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"damping": "adaptive", "param_fraction": 0.5, "mask": "rows", "precondition": "pre"},
+        {"line_search": "backtracking", "param_fraction": 0.5, "mask": "entries"},
+        {
+            "damping": "adaptive",
+            "randomized": True,
+            "rank": 6,
+            "param_fraction": 0.6,
+            "mask": "tensors",
+        },
+    ],
+)
+def test_direction_options_under_globalized_steps(kw):
+    case = _teacher_case(1)
+    opt = torchsven.Sven(case.model, lr=1.0, **kw)
+    start = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(3):
+        before = flat(case.params())
+        opt.step(case.residuals)
+        moved = (flat(case.params()) != before).sum()
+        assert int(moved) < before.numel()  # only the selected entries move (if any)
+    for _ in range(9):
+        opt.step(case.residuals)
+    assert 0.5 * float(case.residuals().detach().square().sum()) < 0.5 * start
+    if kw.get("precondition") == "pre":
+        assert all("square_avg" in opt.state[p] for p in case.params())
+    state = copy.deepcopy(opt.state_dict())  # resumable under the globalized step too
+    twin = _teacher_case(1)
+    twin.model.load_state_dict(case.model.state_dict())
+    opt2 = torchsven.Sven(twin.model, lr=1.0, **kw)
+    opt2.load_state_dict(state)
+    opt.step(case.residuals)
+    opt2.step(twin.residuals)
+    assert torch.equal(flat(case.params()), flat(twin.params()))
+
+
+def test_globalized_step_that_raises_rolls_back_the_generator():
+    case = small_case(16)
+    opt = torchsven.Sven(case.model, damping="adaptive", param_fraction=0.5, mask="entries")
+    opt.step(case.residuals)
+    saved = copy.deepcopy(opt.state_dict())
+    with pytest.raises(TypeError):
+        opt.step(lambda: None)
+    assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]

@@ -26,7 +26,10 @@ average ``J^T c``, which is a sum). Pass the plain module.
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from .backends.base import Direction, flat_to_params
 from .backends.generic import jacobian
 from .damping import AdaptiveDamping
-from .errors import NonFiniteError
+from .errors import NonFiniteError, SvenFallbackWarning
 from .solve import SOLVERS, SpectralSolution, jacobian_step
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ __all__ = [
 ]
 
 # Status codes exchanged between ranks.
-_OK, _RAISED, _NONFINITE, _MISMATCH = 0, 1, 2, 3
+_OK, _RAISED, _NONFINITE, _MISMATCH, _FALLBACK = 0, 1, 2, 3, 4
 _SOLVER_CODES = {name: i for i, name in enumerate(SOLVERS)}
 
 
@@ -148,6 +151,155 @@ def stack_padded(rows: Tensor, jac: Tensor, height: int, status: int) -> Tensor:
         payload[1 : n + 1, 0] = rows
         payload[1 : n + 1, 1:] = jac
     return payload
+
+
+class _RowsTerm:
+    """A layer term of the concatenated batch known by its per-row gradients."""
+
+    def __init__(self, per_row: dict[str, Tensor]) -> None:
+        self._rows = per_row
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        return {n: self._rows[n] for n in names if n in self._rows}
+
+    def gram(self, names: Sequence[str]) -> Tensor:
+        out = None
+        for t in self.per_row(names).values():
+            flat = t.reshape(t.shape[0], -1).to(torch.float64)
+            out = flat @ flat.mT if out is None else out + flat @ flat.mT
+        assert out is not None
+        return out
+
+
+@dataclass
+class TermLayout:
+    """The layer terms of one rank's factored step and how their rows are packed.
+
+    ``terms`` are the distinct layer terms (in parameter order, identical on
+    every rank), ``names[i]`` the parameter names term i covers, and
+    ``uses[p]`` the (term index, name) pairs of parameter p. A row of the packed
+    matrix is ``[r_i | factors of row i of term 0 | term 1 | ...]``, float64.
+    """
+
+    terms: list[Any]
+    names: list[list[str]]
+    uses: list[list[tuple[int, str]]]
+    tensors: list[list[Tensor]]
+
+    @classmethod
+    def of(cls, contributions: dict[int, list[tuple[Any, str, str]]], params: list[Tensor]):
+        index: dict[int, int] = {}
+        terms: list[Any] = []
+        names: list[list[str]] = []
+        uses: list[list[tuple[int, str]]] = []
+        for p in params:
+            mine = []
+            for term, name, _module in contributions.get(id(p), []):
+                if id(term) not in index:
+                    index[id(term)] = len(terms)
+                    terms.append(term)
+                    names.append([])
+                i = index[id(term)]
+                if name not in names[i]:
+                    names[i].append(name)
+                mine.append((i, name))
+            uses.append(mine)
+        tensors = [_term_tensors(t, n) for t, n in zip(terms, names, strict=True)]
+        return cls(terms, names, uses, tensors)
+
+    def pack(self, rows: Tensor) -> Tensor:
+        """(N_r, 1 + sum of factor widths) float64: ``[r | factors]`` per row."""
+        cols = [rows.reshape(-1, 1).to(torch.float64)]
+        for group in self.tensors:
+            cols += [t.reshape(t.shape[0], -1).to(torch.float64) for t in group]
+        return torch.cat(cols, dim=1)
+
+    def fingerprint(self) -> float:
+        """A number equal on ranks whose terms have the same kinds, shapes and dtypes."""
+        text = repr(
+            [
+                (type(t).__name__, [(tuple(x.shape[1:]), str(x.dtype)) for x in group])
+                for t, group in zip(self.terms, self.tensors, strict=True)
+            ]
+        )
+        return float(zlib.crc32(text.encode()))
+
+    def global_gram(self, stacked: Tensor, ghost: Any) -> tuple[Tensor, Tensor]:
+        """Rows (N,) and K (N, N) float64 of the concatenated batch from packed rows.
+
+        The terms are rebuilt on the concatenated factors, so every per-layer
+        choice (ghost or materialised form) is the one a single process makes.
+        """
+        n = stacked.shape[0]
+        rows, offset = stacked[:, 0].contiguous(), 1
+        rebuilt = []
+        for term, names, group in zip(self.terms, self.names, self.tensors, strict=True):
+            parts = []
+            for t in group:
+                width = math.prod(t.shape[1:])
+                block = stacked[:, offset : offset + width].reshape(n, *t.shape[1:])
+                parts.append(block.to(t.dtype))
+                offset += width
+            rebuilt.append(_rebuild_term(term, names, parts, ghost))
+        gram = torch.zeros(n, n, dtype=torch.float64, device=stacked.device)
+        single: dict[int, list[str]] = {}
+        shared = []
+        for mine in self.uses:
+            if len(mine) == 1:
+                i, name = mine[0]
+                single.setdefault(i, []).append(name)
+            elif mine:
+                shared.append(mine)
+        for i, names in single.items():
+            gram += rebuilt[i].gram(names)
+        for mine in shared:
+            per_row = sum(rebuilt[i].per_row([name])[name].to(torch.float64) for i, name in mine)
+            per_row = per_row.reshape(n, -1)
+            gram += per_row @ per_row.mT
+        return rows, gram
+
+    def transpose_product(self, params: list[Tensor], coeffs: Tensor) -> Tensor:
+        """``J_r^T c_r`` (P,) float64 from this rank's own factors."""
+        out = []
+        for p, mine in zip(params, self.uses, strict=True):
+            if not mine:
+                out.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
+            elif len(mine) == 1:
+                i, name = mine[0]
+                out.append(
+                    self.terms[i].weighted([name], coeffs)[name].to(torch.float64).reshape(-1)
+                )
+            else:
+                per_row = sum(
+                    self.terms[i].per_row([name])[name].to(torch.float64) for i, name in mine
+                )
+                out.append(per_row.reshape(coeffs.numel(), -1).mT @ coeffs)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def _term_tensors(term: Any, names: list[str]) -> list[Tensor]:
+    """The row-indexed tensors (dim 0: rows) that determine ``term``."""
+    from .backends.layers import EmbeddingTerm, LinearLikeTerm
+
+    if type(term) is LinearLikeTerm:
+        return [term.a.detach(), term.g.detach()]
+    if type(term) is EmbeddingTerm:
+        return [term.idx, term.g.detach()]
+    per_row = term.per_row(names)
+    return [per_row[n].detach() for n in names]
+
+
+def _rebuild_term(term: Any, names: list[str], parts: list[Tensor], ghost: Any) -> Any:
+    """``term``'s counterpart on the concatenated rows ``parts``."""
+    from .backends.layers import EmbeddingTerm, LinearLikeTerm
+
+    if type(term) is LinearLikeTerm:
+        return LinearLikeTerm(
+            parts[0], parts[1], term.params, term.weight_name, term.bias_name, ghost
+        )
+    if type(term) is EmbeddingTerm:  # padding rows are already zero in g
+        return EmbeddingTerm(parts[0], parts[1], term.params, term.name, None)
+    return _RowsTerm(dict(zip(names, parts, strict=True)))
 
 
 class DataParallel:
@@ -269,10 +421,16 @@ class DataParallel:
         out: Any = None
         rows: Tensor | None = None
         code, n_rows = _OK, 0
+        captured: Any = None
         try:
-            with primary.capture(params) as _captured, torch.enable_grad():
+            with primary.capture(params) as captured, torch.enable_grad():
                 out = closure()
                 rows = residual_rows(out)
+                microbatch = getattr(opt, "microbatch_size", None)
+                if microbatch is not None:  # groups of this rank's samples
+                    from .microbatch import group_rows
+
+                    rows = group_rows(out, microbatch)
             n_rows = rows.numel()
             if not bool(torch.isfinite(rows.detach()).all()):
                 code = _NONFINITE
@@ -293,15 +451,26 @@ class DataParallel:
             )
         assert rows is not None
         self.local_rows = n_rows
-        with torch.enable_grad():  # the Jacobian's autograd calls, also under no_grad()
-            outcome = self._generic_solve(opt, rows, params, sizes)
+        used = "generic"
+        with torch.enable_grad():  # the backends' autograd calls, also under no_grad()
+            outcome = None
+            if primary is not _generic and params:
+                outcome = self._factored_solve(opt, primary, rows, params, sizes, captured, out)
+                used = primary.name
+            if outcome is None:
+                outcome = self._generic_solve(opt, rows, params, sizes)
+                used = "generic"
         self._raise_for(outcome)
         assert outcome.step is not None and outcome.solution is not None
         assert outcome.rows is not None
+        if isinstance(getattr(closure, "first", None), Tensor):
+            # a globalised step's counting closure (torchsven.globalize) compares its
+            # trial calls, which return the global rows, with its first output
+            closure.first = outcome.rows  # type: ignore[attr-defined]
         direction = Direction(
             flat_to_params(outcome.step, params), outcome.solution, outcome.row_change
         )
-        return out, outcome.rows, direction, "generic"
+        return out, outcome.rows, direction, used
 
     def collective_trials(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
         """Wrap a closure for a globalised step (torchsven.globalize).
@@ -431,6 +600,142 @@ class DataParallel:
         step, s, global_rows, row_change = torch.split(body, [n_params, k, n_total, n_total])
         solution = SpectralSolution(s.cpu().clone(), kept, SOLVERS[solver_code])
         return _Outcome(_OK, -1, step, solution, global_rows, row_change)
+
+    # ------------------------------------------------------------ factored path
+    def _factored_solve(
+        self,
+        opt: Sven,
+        backend: Any,
+        rows: Tensor,
+        params: list[Tensor],
+        sizes: Tensor,
+        captured: Any,
+        out: Tensor,
+    ) -> _Outcome | None:
+        """Factored data-parallel step; None when any rank needs the generic backend.
+
+        Each rank computes its per-layer factors (hooks, guard, probe) and sends
+        their rows to rank 0 (padded, one gather), which rebuilds the layer terms
+        of the concatenated batch, forms K (N, N), solves and broadcasts ``c``.
+        Each rank then forms ``J_r^T c_r`` from its own factors and one
+        all-reduce sums the P-vector.
+        """
+        from .backends.base import FallbackRequired
+
+        local_error: Exception | None = None
+        reason = ""
+        code, fingerprint, width = _OK, 0.0, 0
+        layout: TermLayout | None = None
+        contributions: dict[int, list[tuple[Any, str, str]]] = {}
+        try:
+            try:
+                contributions, _ = backend._factors(rows, params, captured, out)
+                layout = TermLayout.of(contributions, params)
+                packed = layout.pack(rows.detach())
+                fingerprint, width = layout.fingerprint(), packed.shape[1]
+            except FallbackRequired as why:
+                code, reason = _FALLBACK, why.reason
+            except Exception as exc:  # reported to every rank below
+                local_error, code = exc, _RAISED
+            table = self._all_gather(
+                torch.tensor([code, fingerprint, width], dtype=torch.float64, device=self._device)
+            )
+            status = table[:, 0].to(torch.int64).tolist()
+            self._raise_if_raised(status, local_error, "the factored backend")
+            mismatch = bool((table[:, 1] != table[0, 1]).any())
+            if _FALLBACK in status or mismatch:
+                self._warn_fallback(opt, backend, status, reason, mismatch)
+                return None
+            height = int(sizes.max())
+            payload = torch.zeros(height + 1, width, dtype=torch.float64, device=self._device)
+            payload[1 : rows.numel() + 1] = packed
+            parts = self._gather(payload)
+            header = torch.zeros(5, dtype=torch.float64, device=self._device)
+            body: Tensor | None = None
+            root_error: Exception | None = None
+            if parts is not None:
+                body, root_error = self._root_gram_solve(opt, backend, layout, parts, sizes, header)
+            self._broadcast(header)
+            status_code, _failed, kept, _solver, k = (int(v) for v in header.tolist())
+            if status_code != _OK:
+                if root_error is not None:
+                    raise root_error
+                return _Outcome(status_code, -1)
+            n_total = int(sizes.sum())
+            if body is None:
+                body = torch.empty(k + 3 * n_total, dtype=torch.float64, device=self._device)
+            self._broadcast(body)
+            coeffs, s, global_rows, row_change = torch.split(body, [n_total, k, n_total, n_total])
+            start = int(sizes[: self.rank].sum())
+            local_c = coeffs[start : start + rows.numel()]
+            step = layout.transpose_product(params, local_c)
+            self._timed(lambda: dist.all_reduce(step, group=self.group))
+            self.traffic.reduced += step.numel() * step.element_size()
+            if not bool(torch.isfinite(step).all()):
+                return _Outcome(_NONFINITE, -1)
+            solution = SpectralSolution(s.cpu().clone(), kept, "gram")
+            return _Outcome(_OK, -1, step, solution, global_rows, row_change)
+        finally:
+            release = getattr(captured, "release", None)
+            if release is not None:
+                release()
+
+    def _warn_fallback(
+        self, opt: Sven, backend: Any, status: list[int], reason: str, mismatch: bool
+    ) -> None:
+        """The one-time SvenFallbackWarning of a collective fallback (same on every rank)."""
+        reasons = self._error_messages(RuntimeError(reason) if reason else None)
+        failed = [i for i, s in enumerate(status) if s == _FALLBACK]
+        text = (
+            "; ".join(f"rank {i}: {reasons[i].split(': ', 1)[-1]}" for i in failed)
+            if failed
+            else "the ranks' layer factors have different shapes"
+        )
+        del mismatch
+        if text not in opt._warned:
+            opt._warned.add(text)
+            warnings.warn(
+                f"Sven: the {backend.name} backend cannot compute this step exactly "
+                f"({text}); every rank uses the generic backend",
+                SvenFallbackWarning,
+                stacklevel=5,
+            )
+
+    def _root_gram_solve(
+        self,
+        opt: Sven,
+        backend: Any,
+        layout: TermLayout,
+        parts: list[Tensor],
+        sizes: Tensor,
+        header: Tensor,
+    ) -> tuple[Tensor | None, Exception | None]:
+        """Rank 0: K of the concatenated batch from the gathered factors, then ``c``.
+
+        Fills ``header`` and returns ``[c (N) | s (N) | rows (N) | K c (N)]``, or
+        None and the error (None for a non-finite K or c).
+        """
+        from .solve import gram_coefficients
+
+        counts = sizes.tolist()
+        stacked = torch.cat([part[1 : n + 1] for part, n in zip(parts, counts, strict=True)])
+        try:
+            global_rows, gram = layout.global_gram(stacked, backend.ghost)
+            if bool(torch.isfinite(gram).all()):
+                coeffs, solution = gram_coefficients(gram, global_rows, opt.filter)
+            else:
+                coeffs = None
+        except Exception as exc:
+            header[:2] = torch.tensor([_RAISED, -1])
+            return None, exc
+        if coeffs is None or not bool(torch.isfinite(coeffs).all()):
+            header[:2] = torch.tensor([_NONFINITE, -1])
+            return None, None
+        s = solution.singular_values.to(device=coeffs.device, dtype=torch.float64)
+        header[:] = torch.tensor(
+            [_OK, -1, solution.kept, _SOLVER_CODES["gram"], s.numel()], dtype=torch.float64
+        )
+        return torch.cat([coeffs, s, global_rows, gram @ coeffs]), None
 
     def _root_solve(
         self, opt: Sven, parts: list[Tensor], sizes: Tensor, header: Tensor, n_params: int

@@ -149,7 +149,8 @@ class Selection:
             for layer, leaves, rows in zip(
                 self.row_layers, self.row_leaves, self.row_index, strict=True
             ):
-                handles.append(layer.module.register_forward_hook(_row_hook(layer, leaves, rows)))
+                hook = _row_hook(layer, leaves, rows)
+                handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
             yield
         finally:
             for handle in handles:
@@ -170,12 +171,13 @@ def _row_hook(layer: MaskableLayer, leaves: tuple[Tensor, Tensor | None], rows: 
     if layer.bias is not None and bias_rows is None:
         bias_const = layer.bias.detach()[rows.to(layer.bias.device)]
 
-    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
         bias = bias_rows if bias_rows is not None else bias_const
+        x = args[0] if args else kwargs["input"]
         if type(module) is nn.Linear:
-            part = F.linear(args[0], weight_rows, bias)
+            part = F.linear(x, weight_rows, bias)
         else:
-            part = module._conv_forward(args[0], weight_rows, bias)  # type: ignore[operator]
+            part = module._conv_forward(x, weight_rows, bias)  # type: ignore[operator]
         dim = layer.channel_dim % output.dim()
         return output.index_copy(dim, rows.to(output.device), part)
 

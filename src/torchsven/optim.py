@@ -231,7 +231,8 @@ class Sven(torch.optim.Optimizer):
                 self.options["rank"],
                 self.options["backend"],
                 model is not None,
-                self._variant_conflicts(),
+                self._globalized(),
+                self._data_parallel is not None,
                 precondition=precondition,
                 rmsprop_alpha=rmsprop_alpha,
                 rmsprop_eps=rmsprop_eps,
@@ -351,7 +352,8 @@ class Sven(torch.optim.Optimizer):
                     options["rank"],
                     options["backend"],
                     self.model is not None,
-                    self._variant_conflicts(options),
+                    self._globalized(options),
+                    self._data_parallel is not None,
                 )
         super().load_state_dict(state_dict)
         if sven is not None:
@@ -360,15 +362,13 @@ class Sven(torch.optim.Optimizer):
             self._variants = variants
             self._robust = RobustState.from_dict(sven.get("robust", {}))
 
-    def _variant_conflicts(self, options: dict[str, Any] | None = None) -> str | None:
-        """The set features that the step-changing options do not combine with, or None."""
+    def _globalized(self, options: dict[str, Any] | None = None) -> str | None:
+        """Which globalisation (torchsven.globalize) the options set, or None."""
         o = self.options if options is None else options
         if isinstance(o["damping"], AdaptiveDamping) or o["line_search"]:
             return "damping='adaptive' or line_search"
         if o["on_nonfinite"] != "raise":
             return "on_nonfinite='skip'"
-        if self._data_parallel is not None:
-            return "process_group (distributed Sven)"
         return None
 
     # -------------------------------------------------------------------- step
@@ -410,6 +410,8 @@ class Sven(torch.optim.Optimizer):
         """
         if self._data_parallel is not None:  # distributed: global rows and direction
             return self._data_parallel.evaluate(self, closure, params)
+        if self._variants.options.changes_direction:  # masks, "pre", randomized (variants)
+            return self._variants.evaluate(self, closure, params)
         primary, generic = self._backends()
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
             with primary.capture(params) as captured:
@@ -466,7 +468,7 @@ class Sven(torch.optim.Optimizer):
                 "opt.step(lambda: model(x) - y)"
             )
         params, lrs = self._trainable()
-        if self._variants.options.changes_step:  # the paper's options (torchsven.variants)
+        if self._variants.options.changes_step and not self._globalized():  # variants
             return self._variants.step(self, closure, params, lrs)
         o = self.options
         if (
@@ -478,8 +480,13 @@ class Sven(torch.optim.Optimizer):
             if self._data_parallel is not None:
                 closure = self._data_parallel.collective_trials(closure)
             # --- end distributed
-            out = robust_step(self, closure, params, lrs)  # torchsven.globalize
-            self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
+            try:
+                out = robust_step(self, closure, params, lrs)  # torchsven.globalize
+            except BaseException:
+                self._variants.rollback()  # variants: the masks' generator draws
+                raise
+            self._variants.commit(self)  # variants: "pre" state; spectrum_every
+            self._variants.record(self.last_step, self._steps - 1)
             return out
         out, rows, direction, used = self._evaluate(closure, params)
         self._apply(params, lrs, direction.step)

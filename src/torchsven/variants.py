@@ -99,6 +99,22 @@ class VariantOptions:
         )
 
     @property
+    def needs_generic(self) -> bool:
+        """Whether only the generic backend runs these options: a materialised J, or
+        row masks (their leaf tensors belong to no module the factored hooks see)."""
+        return self.needs_jacobian or (self.param_fraction < 1.0 and self.mask == "rows")
+
+    @property
+    def changes_direction(self) -> bool:
+        """Masks, ``"pre"`` or randomized: the direction itself differs."""
+        return self.param_fraction < 1.0 or self.precondition == "pre" or self.randomized
+
+    @property
+    def changes_update(self) -> bool:
+        """``"post"``, momentum or variable rank: what is applied differs."""
+        return self.precondition == "post" or self.momentum > 0 or self.variable_rank
+
+    @property
     def changes_step(self) -> bool:
         """Whether any option changes the plain Sven step (``spectrum_every`` does not)."""
         return self != VariantOptions(seed=self.seed, spectrum_every=self.spectrum_every)
@@ -140,15 +156,16 @@ def check_variant_options(
     rank: int | None = None,
     backend: str = "auto",
     has_model: bool = True,
-    conflicts: str | None = None,
+    globalized: str | None = None,
+    distributed: bool = False,
     **kwargs: Any,
 ) -> VariantOptions:
     """Validate the options in :data:`VARIANT_OPTIONS` and their combinations.
 
-    ``rank``, ``backend``, ``has_model`` and ``conflicts`` (the optimizer's set
-    features that the step-changing options do not combine with, or None) are
-    the optimizer's, for the checks that involve them. Raises TypeError /
-    ValueError naming the argument.
+    The optimizer's settings that the checks involve: ``rank``, ``backend``,
+    ``has_model``, ``globalized`` (which of adaptive damping, line search or
+    ``on_nonfinite="skip"`` is set, or None) and ``distributed`` (a process
+    group). Raises TypeError / ValueError naming the argument.
     """
     unknown = set(kwargs) - set(VARIANT_OPTIONS)
     if unknown:
@@ -233,16 +250,23 @@ def check_variant_options(
         raise ValueError(
             "mask='rows' needs the model whose layers are masked: pass Sven(model, ...) or model="
         )
-    if opts.changes_step and conflicts is not None:
+    if opts.changes_update and globalized is not None:
+        raise ValueError(
+            f"precondition='post', momentum and variable_rank cannot be combined with "
+            f"{globalized}: those accept or scale the step by the objective, and these "
+            "change the update afterwards (param_fraction, precondition='pre' and "
+            "randomized can)"
+        )
+    if opts.changes_step and distributed:
         raise ValueError(
             "precondition, momentum, variable_rank, param_fraction < 1 and randomized cannot "
-            f"be combined with {conflicts} (yet); spectrum_every can"
+            "be combined with process_group (distributed Sven) yet; spectrum_every can"
         )
-    if opts.needs_jacobian and backend not in ("auto", "generic"):
+    if opts.needs_generic and backend not in ("auto", "generic"):
         raise ValueError(
             f"backend={backend!r} cannot be combined with precondition='pre', variable_rank, "
-            "randomized or mask='entries' with param_fraction < 1: they need the "
-            "materialised Jacobian (backend='generic' or 'auto')"
+            "randomized or mask='entries'/'rows' with param_fraction < 1: they run on the "
+            "generic backend (backend='generic' or 'auto')"
         )
     return opts
 
@@ -271,6 +295,12 @@ def _full_state(opt: Sven, params: Sequence[Tensor], key: str) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+def _store(opt: Sven, params: Sequence[Tensor], key: str, flat: Tensor) -> None:
+    """``opt.state[p][key]`` from a flat float64 vector over ``params`` (in their dtype)."""
+    for p, part in zip(params, flat_to_params(flat, params), strict=True):
+        opt.state[p][key] = part.to(p.dtype).clone()
+
+
 class Variants:
     """Runs Sven steps with :class:`VariantOptions`; holds the generator and history."""
 
@@ -278,6 +308,7 @@ class Variants:
         self.options = options
         self.generator = torch.Generator().manual_seed(options.seed)
         self.history: list[SpectrumRecord] = []
+        self._pending: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -293,9 +324,12 @@ class Variants:
         rank: int | None,
         backend: str,
         has_model: bool,
-        conflicts: str | None,
+        globalized: str | None,
+        distributed: bool,
     ) -> None:
-        options = check_variant_options(rank, backend, has_model, conflicts, **state["options"])
+        options = check_variant_options(
+            rank, backend, has_model, globalized, distributed, **state["options"]
+        )
         self.options = options
         self.generator.set_state(torch.tensor(list(state["generator"]), dtype=torch.uint8))
         self.history = [SpectrumRecord.from_dict(r) for r in state["history"]]
@@ -364,12 +398,19 @@ class Variants:
                     p.copy_(original)
             raise
 
-    def _step(self, opt, closure, params, lrs, residual_rows) -> Tensor:
+    def _evaluate(
+        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor], residual_rows
+    ) -> tuple[Tensor, Tensor, _Solve, Selection, Tensor, str]:
+        """Stages 1-3: selection, closure, direction. Changes nothing but the generator.
+
+        Returns the closure's output, its rows, the solve-space solution, the
+        selection, the full update (P,) float64 and the backend used.
+        """
         o = self.options
         filt = opt.filter
         sel = select(o.mask, o.param_fraction, params, opt.model, self.generator)
         primary, generic = opt._backends()
-        if o.needs_jacobian:
+        if o.needs_generic:
             primary = generic
         with primary.capture(sel.solve_params) as captured, sel.hooks(), torch.enable_grad():
             out = closure()
@@ -393,7 +434,44 @@ class Variants:
             flat = torch.cat([d.reshape(-1) for d in direction.step])
             solved = _Solve(flat, direction.solution, None, direction.row_change, None)
         check_finite(solved.flat, "the Sven step (the Jacobian has NaN or Inf entries)")
-        update = sel.to_full(solved.flat, total)
+        return out, rows, solved, sel, sel.to_full(solved.flat, total), used
+
+    def evaluate(
+        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor]
+    ) -> tuple[Tensor, Tensor, Direction, str]:
+        """``Sven._evaluate`` with the direction options (masks, "pre", randomized).
+
+        For the globalised steps of :mod:`torchsven.globalize`: the direction is
+        the full update per parameter, ``row_change = J update``. State updates
+        wait for :meth:`commit` (called when the step is done); :meth:`rollback`
+        undoes the generator draws of a step that raised.
+        """
+        from .optim import residual_rows
+
+        self._pending = {"generator": self.generator.get_state()}
+        out, rows, solved, _sel, update, used = self._evaluate(opt, closure, params, residual_rows)
+        if solved.square_avg is not None:
+            self._pending["square_avg"] = (params, solved.square_avg)
+        step = flat_to_params(update, params)
+        return out, rows, Direction(step, solved.solution, solved.row_change), used
+
+    def commit(self, opt: Sven) -> None:
+        """Store the state of the step :meth:`evaluate` computed."""
+        pending, self._pending = self._pending, {}
+        if "square_avg" in pending:
+            params, value = pending["square_avg"]
+            _store(opt, params, "square_avg", value)
+
+    def rollback(self) -> None:
+        """Undo the generator draws of the step :meth:`evaluate` computed."""
+        pending, self._pending = self._pending, {}
+        if "generator" in pending:
+            self.generator.set_state(pending["generator"])
+
+    def _step(self, opt, closure, params, lrs, residual_rows) -> Tensor:
+        o = self.options
+        out, rows, solved, sel, update, used = self._evaluate(opt, closure, params, residual_rows)
+        total = update.numel()
         new_state: dict[str, Tensor] = {}
         if solved.square_avg is not None:
             new_state["square_avg"] = solved.square_avg
@@ -432,8 +510,7 @@ class Variants:
         else:
             opt._apply(params, lrs, flat_to_params(update, params))
         for key, value in new_state.items():
-            for p, part in zip(params, flat_to_params(value, params), strict=True):
-                opt.state[p][key] = part.to(p.dtype).clone()
+            _store(opt, params, key, value)
         solution = SpectralSolution(solved.solution.singular_values, kept, solved.solution.solver)
         row_change = solved.row_change if o.precondition != "post" and o.momentum == 0 else None
         info = opt._info(rows, Direction([], solution, row_change), used, **extras)
