@@ -12,15 +12,19 @@ import itertools
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torchsven
-from cases import Case, mlp
-from reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 from torchsven import masks
+from torchsven.backends import BACKENDS
 from torchsven.randomized import nystrom_coefficients, randomized_step, randomized_svd
 from torchsven.solve import SpectralFilter, gram_coefficients
 from torchsven.variable_rank import greedy_prefix, spectral_components
+
+from .cases import Case, mlp
+from .reference import dense_jacobian, flat, reference_filter, reference_step, rel_err
 
 TOL = 1e-10
 
@@ -114,7 +118,9 @@ def test_post_and_momentum_match_reference(kw):
 
     case, ref = small_case(2), small_case(2)
     expected = _reference_run(ref, 3, lr, transform)
-    opt = torchsven.Sven(case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, **kw)
+    opt = torchsven.Sven(
+        case.model, lr=lr, rmsprop_alpha=alpha, rmsprop_eps=eps, backend="generic", **kw
+    )
     for e in expected:
         assert rel_err(sven_update(opt, case, lr), e) < TOL
     assert rel_err(flat(case.params()), flat(ref.params())) < TOL
@@ -225,7 +231,13 @@ def test_masks_match_reference(mask):
     case, ref = small_case(11), small_case(11)
     g = torch.Generator().manual_seed(seed)
     opt = torchsven.Sven(
-        case.model, lr=lr, rtol=1e-6, param_fraction=fraction, mask=mask, seed=seed
+        case.model,
+        lr=lr,
+        rtol=1e-6,
+        param_fraction=fraction,
+        mask=mask,
+        seed=seed,
+        backend="generic",  # the exact SVD route: 1e-10 at rtol 1e-6 (a Gram route is ~1e-8)
     )
     for _ in range(2):
         sel = masks.select(mask, fraction, ref.params(), ref.model, g)
@@ -669,3 +681,102 @@ def test_globalized_step_that_raises_rolls_back_the_generator():
     with pytest.raises(TypeError):
         opt.step(lambda: None)
     assert opt.state_dict()["sven"]["variants"] == saved["sven"]["variants"]
+
+
+def test_docs_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "options.md").read_text()
+    block = text.split("<!-- options-example:start -->")[1].split("<!-- options-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, "options.md", "exec"), scope)
+    opt = scope["opt"]
+    assert opt.last_step.loss < 0.05 * 0.5 * float(scope["y"].square().sum())
+    assert [h.step for h in opt.spectrum_history] == [0, 5, 10, 15, 20, 25]
+
+
+@settings(max_examples=25)
+@given(
+    total=st.integers(1, 200),
+    fraction=st.floats(1e-3, 1.0),
+    seed=st.integers(0, 2**31),
+    numels=st.lists(st.integers(1, 50), min_size=1, max_size=8),
+)
+def test_selection_properties(total, fraction, seed, numels):
+    g = torch.Generator().manual_seed(seed)
+    idx = masks.entry_selection(total, fraction, g)
+    assert idx.numel() == min(total, max(1, round(fraction * total)))
+    assert idx.unique().numel() == idx.numel() and bool((idx >= 0).all() & (idx < total).all())
+    chosen = masks.tensor_selection(numels, fraction, g)
+    assert (
+        chosen == sorted(set(chosen))
+        and sum(numels[i] for i in chosen) >= fraction * sum(numels) - 1e-9
+    )
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+def test_backend_independent_options_match_reference(backend):
+    """Tensor masks, "post" and momentum run on every backend (the factored one too)."""
+    fraction, seed, lr, mu, alpha, eps = 0.5, 3, 0.3, 0.6, 0.9, 1e-7
+    case, ref = small_case(17), small_case(17)
+    kw = {
+        "param_fraction": fraction,
+        "mask": "tensors",
+        "seed": seed,
+        "momentum": mu,
+        "precondition": "post",
+        "rmsprop_alpha": alpha,
+        "rmsprop_eps": eps,
+    }
+    opt = torchsven.Sven(case.model, lr=lr, rtol=1e-6, backend=backend, **kw)
+    g = torch.Generator().manual_seed(seed)
+    v = b = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
+    for _ in range(2):
+        sel = masks.select("tensors", fraction, ref.params(), ref.model, g)
+        u = _masked_reference(ref, sel.index, rtol=1e-6)
+        v = alpha * v + (1 - alpha) * u * u
+        b = mu * b + u / (v.sqrt() + eps)
+        assert rel_err(sven_update(opt, case, lr), b) < 1e-9
+        with torch.no_grad():
+            for p, dp in zip(ref.params(), _split(b, ref.params()), strict=True):
+                p.sub_(lr * dp)
+    for other in BACKENDS:  # options that need the generic backend refuse the others
+        if other not in ("auto", "generic"):
+            with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
+                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
+
+
+def test_precondition_pre_with_mask_matches_reference():
+    """``v`` moves only on the selected entries; the step is ``d (J_S diag(d_S))^+ r``."""
+    alpha, eps, lr, fraction, seed = 0.5, 1e-6, 0.3, 0.5, 2
+    case, ref = small_case(18), small_case(18)
+    opt = torchsven.Sven(
+        case.model,
+        lr=lr,
+        rtol=1e-6,
+        precondition="pre",
+        rmsprop_alpha=alpha,
+        rmsprop_eps=eps,
+        param_fraction=fraction,
+        mask="entries",
+        seed=seed,
+    )
+    g = torch.Generator().manual_seed(seed)
+    v = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
+    for _ in range(3):
+        index = masks.select("entries", fraction, ref.params(), ref.model, g).index
+        jac, r = dense_jacobian(ref.residuals, ref.params())
+        js = jac[:, index]
+        v[index] = alpha * v[index] + (1 - alpha) * (js.T @ r / r.numel()) ** 2
+        d = 1.0 / (v[index].sqrt() + eps)
+        inner, _, s = reference_step(js * d, r, rtol=1e-6)
+        assert_gap(s, 1e-6 * float(s[0]))
+        expected = torch.zeros_like(v)
+        expected[index] = d * inner
+        assert rel_err(sven_update(opt, case, lr), expected) < TOL
+        with torch.no_grad():
+            for p, dp in zip(ref.params(), _split(expected, ref.params()), strict=True):
+                p.sub_(lr * dp)
+    state_v = torch.cat([opt.state[p]["square_avg"].reshape(-1) for p in case.params()])
+    assert torch.equal(state_v == 0, v == 0) and rel_err(state_v, v) < TOL

@@ -44,7 +44,7 @@ def test_step_matches_definition(f_star, max_lr):
             for p, g in zip(ref.parameters(), grads, strict=True):
                 p -= min(eta, max_lr) * g
         returned = opt.step(_closure(opt, model, x, y))
-        assert float(returned) == pytest.approx(float(loss), rel=1e-14)
+        assert float(returned.detach()) == pytest.approx(float(loss.detach()), rel=1e-14)
         assert opt.last_step_size == pytest.approx(eta, rel=1e-12)
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
@@ -78,10 +78,10 @@ def test_no_step_below_f_star_and_decreases():
         y = _problem(3)[0](x)
     opt = torchsven.PolyakSGD(model.parameters(), f_star=0.0, max_lr=10.0)
     closure = _closure(opt, model, x, y)
-    start = float(closure())
+    start = float(closure().detach())
     for _ in range(50):
         opt.step(closure)
-    assert float(closure()) < 0.2 * start
+    assert float(closure().detach()) < 0.2 * start
 
 
 def test_bad_input_and_state_dict():

@@ -40,13 +40,16 @@ class AdaptiveDamping:
     Attributes:
         init: the first factor ``lambda_0``; the first step uses ``mu = lambda_0 s_1^2``
             (Nielsen's ``tau``; ``1e-3`` is his default).
-        lower: smallest factor; ``lambda`` never goes below it.
+        lower: smallest factor; ``lambda`` never goes below it. Tiny on purpose:
+            near a solution the step should become the undamped one (a floor of
+            1e-12 stalled singular and badly scaled MGH problems); > 0 so that a
+            rejection can raise it again.
         upper: largest factor; ``lambda`` never goes above it.
         accept: a step is kept when its gain ratio is ``> accept``.
     """
 
     init: float = 1e-3
-    lower: float = 1e-12
+    lower: float = 1e-30
     upper: float = 1e12
     accept: float = 1e-4
 

@@ -146,31 +146,50 @@ def linear_row_change(
     """``J h`` (N,) float64 for the applied change ``h_g = lr_g step_g``.
 
     Uses the backend's ``row_change = J step`` when every group has the same lr;
-    otherwise a Jacobian-vector product by double backward through the rows'
-    graph (which the backends retain).
+    otherwise Jacobian-vector products by double backward through the rows'
+    graph (which the backends retain). When the backend also gave ``row_change``,
+    the graph's ``J step`` must reproduce it; a graph that does not reach the
+    parameters (e.g. rows computed from detached copies of masked weights) is a
+    ValueError, raised before anything changes.
     """
+    n = rows.numel()
     if direction.row_change is not None and len(set(lrs)) <= 1:
         scale = lrs[0] if lrs else 0.0
         return scale * direction.row_change.to(torch.float64).reshape(-1)
+    scaled = _graph_jvp(rows, params, [lr * d for d, lr in zip(direction.step, lrs, strict=True)])
+    if direction.row_change is not None:
+        plain = _graph_jvp(rows, params, direction.step)
+        expected = direction.row_change.to(torch.float64).reshape(-1)
+        if float((plain - expected).norm()) > 1e-6 * float(expected.norm()) + 1e-300:
+            raise ValueError(
+                "param groups with different lr need J h through the rows' autograd graph "
+                "(for the predicted reduction of damping='adaptive' / line_search), but this "
+                "step's rows do not reach the parameters through autograd (as with "
+                "mask='rows'); use one lr for all groups, or another mask"
+            )
+    return scaled if scaled is not None else torch.zeros(n, dtype=torch.float64)
+
+
+def _graph_jvp(rows: Tensor, params: Sequence[Tensor], vectors: Sequence[Tensor]) -> Tensor:
+    """``J v`` (N,) float64 by double backward (zeros where the graph does not reach)."""
     flat_rows = rows.reshape(-1)
+    zeros = torch.zeros(flat_rows.numel(), dtype=torch.float64, device=rows.device)
     probe = torch.zeros_like(flat_rows, requires_grad=True)
     with torch.enable_grad():
         grads = torch.autograd.grad(
             flat_rows, params, grad_outputs=probe, create_graph=True, allow_unused=True
         )
         pairs = [
-            (g, (lr * d).to(g.dtype))
-            for g, d, lr in zip(grads, direction.step, lrs, strict=True)
+            (g, v.to(g.dtype))
+            for g, v in zip(grads, vectors, strict=True)
             if g is not None and g.requires_grad
         ]
         if not pairs:
-            return torch.zeros(flat_rows.numel(), dtype=torch.float64, device=rows.device)
-        (jh,) = torch.autograd.grad(
+            return zeros
+        (jv,) = torch.autograd.grad(
             [g for g, _ in pairs], probe, grad_outputs=[v for _, v in pairs], allow_unused=True
         )
-    if jh is None:
-        return torch.zeros(flat_rows.numel(), dtype=torch.float64, device=rows.device)
-    return jh.detach().to(torch.float64)
+    return zeros if jv is None else jv.detach().to(torch.float64)
 
 
 class _CountingClosure:

@@ -295,6 +295,13 @@ def _full_state(opt: Sven, params: Sequence[Tensor], key: str) -> Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
 
 
+def _residual_rows(out: Any) -> Tensor:
+    """:func:`torchsven.optim.residual_rows` (imported late: optim imports this module)."""
+    from .optim import residual_rows
+
+    return residual_rows(out)
+
+
 def _store(opt: Sven, params: Sequence[Tensor], key: str, flat: Tensor) -> None:
     """``opt.state[p][key]`` from a flat float64 vector over ``params`` (in their dtype)."""
     for p, part in zip(params, flat_to_params(flat, params), strict=True):
@@ -385,12 +392,10 @@ class Variants:
         self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor], lrs: list[float]
     ) -> Tensor:
         """One Sven step with the options; changes nothing if it raises."""
-        from .optim import residual_rows
-
         generator_state = self.generator.get_state()
         originals = [p.detach().clone() for p in params] if self.options.variable_rank else []
         try:
-            return self._step(opt, closure, params, lrs, residual_rows)
+            return self._step(opt, closure, params, lrs)
         except BaseException:
             self.generator.set_state(generator_state)
             with torch.no_grad():
@@ -399,7 +404,7 @@ class Variants:
             raise
 
     def _evaluate(
-        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor], residual_rows
+        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor]
     ) -> tuple[Tensor, Tensor, _Solve, Selection, Tensor, str]:
         """Stages 1-3: selection, closure, direction. Changes nothing but the generator.
 
@@ -414,7 +419,7 @@ class Variants:
             primary = generic
         with primary.capture(sel.solve_params) as captured, sel.hooks(), torch.enable_grad():
             out = closure()
-        rows = residual_rows(out)
+        rows = _residual_rows(out)
         check_finite(rows.detach(), "the residual rows returned by the closure")
         total = sum(p.numel() for p in params)
         if not params:
@@ -446,10 +451,8 @@ class Variants:
         wait for :meth:`commit` (called when the step is done); :meth:`rollback`
         undoes the generator draws of a step that raised.
         """
-        from .optim import residual_rows
-
         self._pending = {"generator": self.generator.get_state()}
-        out, rows, solved, _sel, update, used = self._evaluate(opt, closure, params, residual_rows)
+        out, rows, solved, _sel, update, used = self._evaluate(opt, closure, params)
         if solved.square_avg is not None:
             self._pending["square_avg"] = (params, solved.square_avg)
         step = flat_to_params(update, params)
@@ -468,10 +471,11 @@ class Variants:
         if "generator" in pending:
             self.generator.set_state(pending["generator"])
 
-    def _step(self, opt, closure, params, lrs, residual_rows) -> Tensor:
+    def _step(
+        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor], lrs: list[float]
+    ) -> Tensor:
         o = self.options
-        out, rows, solved, sel, update, used = self._evaluate(opt, closure, params, residual_rows)
-        total = update.numel()
+        out, rows, solved, sel, update, used = self._evaluate(opt, closure, params)
         new_state: dict[str, Tensor] = {}
         if solved.square_avg is not None:
             new_state["square_avg"] = solved.square_avg
@@ -501,9 +505,7 @@ class Variants:
         if o.param_fraction < 1:
             extras["selected"] = int(solved.flat.numel())
         if o.variable_rank and params:
-            kept, calls = self._variable_rank(
-                closure, params, sel, solved, lr_full, rows, residual_rows, total
-            )
+            kept, calls = self._variable_rank(closure, params, sel, solved, lr_full, rows)
             extras.update(
                 variable_rank=kept, closure_calls=calls, kept_by_filter=solved.solution.kept
             )
@@ -527,11 +529,18 @@ class Variants:
             self.history.append(SpectrumRecord(index, s, info.kept, effective_rank(s), info.loss))
 
     def _variable_rank(
-        self, closure, params, sel, solved, lr_full, rows, residual_rows, total
+        self,
+        closure: Callable[[], Tensor],
+        params: list[Tensor],
+        sel: Selection,
+        solved: _Solve,
+        lr_full: Tensor,
+        rows: Tensor,
     ) -> tuple[int, int]:
         """Greedy best prefix; leaves the params at it. Returns (prefix, closure calls)."""
         comps = solved.components
         assert comps is not None
+        total = lr_full.numel()
         origin = [p.detach().clone() for p in params]
 
         def move_to(prefix: Tensor) -> None:
@@ -547,7 +556,7 @@ class Variants:
             running = running + comps[m - 1]
             move_to(running)
             with torch.enable_grad():
-                r = residual_rows(closure()).detach().to(torch.float64)
+                r = _residual_rows(closure()).detach().to(torch.float64)
             return 0.5 * float(r.square().sum())
 
         start = 0.5 * float(rows.detach().to(torch.float64).square().sum())
