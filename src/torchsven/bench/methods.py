@@ -78,7 +78,7 @@ class ClosureStepper:
 
         loss = self.optimizer.step(closure)
         self.steps += 1
-        return float(loss)
+        return float(loss.detach() if isinstance(loss, Tensor) else loss)
 
 
 class LBFGSStepper:
