@@ -258,7 +258,17 @@ def raising_rank(rank: int, world: int) -> dict:
         nan_raised = (type(exc).__name__, str(exc))
     unchanged = unchanged and flat(model) == before and opt.last_step is None
     opt.step(lambda: model(x[0, part]) - y[0, part])  # the group still works
-    return {"raised": raised, "nan": nan_raised, "unchanged": unchanged, "after": flat(model)}
+    after = flat(model)
+    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=dist.group.WORLD)
+    skipping.step(lambda: (model(x[1, part]) - y[1, part]) / (rank != world - 1))
+    skipped = skipping.last_step.extras.get("skipped") is True and flat(model) == after
+    return {
+        "raised": raised,
+        "nan": nan_raised,
+        "unchanged": unchanged,
+        "after": after,
+        "skipped": skipped,
+    }
 
 
 @check
@@ -425,6 +435,7 @@ def _check_raising(ranks: list[dict], world: int) -> None:
         kind, message = out["nan"]
         assert kind == "NonFiniteError" and "rank(s) [0]" in message
         assert out["after"] == raising[0]["after"]
+        assert out["skipped"], rank  # on_nonfinite="skip": every rank skips together
     assert raising[0]["after"] != flat(build(4 * world)[0])
 
 
@@ -437,3 +448,28 @@ def test_process_group_without_init_is_rejected() -> None:
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="init_process_group"):
         torchsven.Sven(model, process_group=object())
+
+
+def test_bench_traffic_formulas() -> None:
+    from torchsven.bench.distributed import factored_bytes, mlp_layers, project_seconds
+
+    layers = mlp_layers(d_in=8, width=64, depth=2, d_out=1)
+    assert layers == [(8, 64), (64, 64), (64, 1)]
+    n_params = sum(d_in * d_out + d_out for d_in, d_out in layers)
+    got = factored_bytes(256, layers, n_params)
+    # per row: the residual and x, g of each Linear, float64
+    assert got == {
+        "gathered": 8 * 256 * (1 + 72 + 128 + 65),
+        "broadcast": 8 * 256,
+        "reduced": 8 * n_params,
+    }
+    assert project_seconds(1e9, 2, (1e9, 1e-3)) == pytest.approx(1.002)
+
+
+def test_bench_rejects_bad_arguments() -> None:
+    from torchsven.bench.distributed import main
+
+    with pytest.raises(SystemExit):
+        main(["--processes", "two"])
+    with pytest.raises(SystemExit):
+        main(["--processes", "4", "--batch", "2"])

@@ -4,6 +4,7 @@ Sven solves for every residual row at once: ``theta <- theta - lr * J^+_k r``
 with a truncated (optionally damped) pseudo-inverse of the per-row Jacobian.
 """
 
+from . import pde, pinn, residuals
 from .damping import AdaptiveDamping
 from .errors import NonFiniteError, SvenFallbackWarning
 from .globalize import BacktrackingLineSearch
@@ -26,7 +27,10 @@ __all__ = [
     "effective_rank",
     "from_errors",
     "from_losses",
+    "pde",
+    "pinn",
     "plot_spectrum",
+    "residuals",
 ]
 
 __version__ = "0.1.0"

@@ -43,8 +43,6 @@ __all__ = [
     "robust_step",
 ]
 
-_EPS64 = float(torch.finfo(torch.float64).eps)
-
 #: Accepted values of ``Sven(on_nonfinite=...)``.
 NONFINITE_MODES = ("raise", "skip")
 
@@ -325,8 +323,9 @@ def _adaptive(
     jh = linear_row_change(rows, params, lrs, direction)
     # f0 - m(h) = r^T J h - 0.5 ||J h||^2 (no cancellation against f0)
     predicted = float(rows64 @ jh) - 0.5 * float(jh.square().sum())
-    if abs(predicted) <= _EPS64 * f0:
-        # Nothing the float64 objective could resolve (zero rows or a zero step).
+    if abs(predicted) <= 4 * torch.finfo(rows.dtype).eps * f0:
+        # Nothing the objective could resolve in the rows' precision (zero rows, a
+        # zero step, or a converged float32 run): keep lambda, take no trial.
         robust.damping = before
         robust.counts["accepted"] += 1
         extras.update(

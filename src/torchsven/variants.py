@@ -435,7 +435,9 @@ class Variants:
             solved = self._materialised(opt, rows, sel, params, filt)
             used = generic.name
         else:
-            direction, used = opt._direction(primary, generic, rows, sel.solve_params, captured)
+            direction, used = opt._direction(
+                primary, generic, rows, sel.solve_params, captured, out
+            )
             flat = torch.cat([d.reshape(-1) for d in direction.step])
             solved = _Solve(flat, direction.solution, None, direction.row_change, None)
         check_finite(solved.flat, "the Sven step (the Jacobian has NaN or Inf entries)")

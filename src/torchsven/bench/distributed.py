@@ -3,7 +3,8 @@
 For R in ``--processes`` (default 1, 2, 4) it spawns R gloo processes on
 127.0.0.1 (one thread each), splits a fixed global batch over them and times
 Sven steps with ``process_group=``. Per R it reports the median step time, the
-share of it spent inside collectives (``last_step.extras["comm_seconds"]``),
+share of it rank 0 spends inside collectives (``last_step.extras["comm_seconds"]``,
+which includes waiting for the slowest rank),
 the bytes gathered / broadcast / all-reduced per step, and beside it DDP's
 traffic for the same model: one all-reduce of the P-float gradient (its time
 measured in the same group). Finally it projects the communication time of
@@ -48,11 +49,11 @@ def mlp_layers(d_in: int, width: int, depth: int, d_out: int) -> list[tuple[int,
 def factored_bytes(n_rows: int, layers: list[tuple[int, int]], n_params: int) -> dict[str, int]:
     """Bytes per step of the factored data-parallel path (DESIGN.md section 7), float64.
 
-    Gathered: per Linear the inputs X (N, d_in + 1 with bias) and output
-    gradients G (N, d_out) of every row; broadcast: c (N,); all-reduced: the
+    Gathered: the residual and, per Linear, the input x (d_in) and output
+    gradient g (d_out) of every row; broadcast: c (N,); all-reduced: the
     P-vector ``sum_r J_r^T c_r``.
     """
-    per_row = sum(d_in + 1 + d_out for d_in, d_out in layers)
+    per_row = 1 + sum(d_in + d_out for d_in, d_out in layers)
     return {"gathered": 8 * n_rows * per_row, "broadcast": 8 * n_rows, "reduced": 8 * n_params}
 
 
@@ -171,9 +172,9 @@ def _run_world(world: int, cfg: dict[str, Any], timeout: float) -> dict[str, Any
     root = out[0]
     # a step ends when the slowest rank ends: per step, the max over ranks
     step_times = [max(out[r]["times"][i] for r in out) for i in range(len(root["times"]))]
-    comm_times = [statistics.median(out[r]["comm"]) for r in out]
     step = statistics.median(step_times)
-    comm = statistics.median(comm_times)
+    # rank 0 waits in the gather for the slowest rank, but not for its own solve
+    comm = statistics.median(root["comm"])
     extras = root["extras"]
     return {
         "processes": world,
