@@ -39,7 +39,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -132,7 +132,6 @@ class _Outcome:
     solution: SpectralSolution | None = None
     rows: Tensor | None = None
     row_change: Tensor | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -634,7 +633,6 @@ class DataParallel:
         reason = ""
         code, fingerprint, width = _OK, 0.0, 0
         layout: TermLayout | None = None
-        contributions: dict[int, list[tuple[Any, str, str]]] = {}
         try:
             try:
                 contributions, _ = backend._factors(rows, params, captured, out)
