@@ -234,7 +234,7 @@ def test_step_info_fields():
     assert torch.all(s[:-1] >= s[1:])
     assert isinstance(info.kept, int) and 0 < info.kept <= s.numel()
     assert (
-        info.rows == 18 and info.backend == "generic" and info.solver in ("svd", "gram", "normal")
+        info.rows == 18 and info.backend == "factored" and info.solver in ("svd", "gram", "normal")
     )
     assert info.damping == 0.0
     with pytest.raises(AttributeError):

@@ -7,15 +7,23 @@ Each of R ranks holds N_r residual rows (its local batch). A step with
 1. every rank calls the closure on its local batch; one small all-gather
    exchanges ``[status, N_r, P, lr fingerprint]`` so that a rank that raised,
    returned NaN rows or holds other parameters stops *every* rank;
-2. generic backend: rank 0 gathers the Jacobian rows ``[r_r | J_r]`` (padded to
-   ``max N_r`` for gloo) and solves ``J^+_k r`` in float64 exactly as a single
-   process would;
-3. rank 0 broadcasts a header (verdict, kept, solver) and then the step (P),
-   the singular values and the global rows, so every rank applies the same
+2. factored backend: every rank computes its per-layer factors (and runs the
+   backend's guard on its rows); rank 0 gathers the factor rows (padded to
+   ``max N_r``, gloo's gather needs equal shapes), rebuilds the layer terms of
+   the concatenated batch, forms K (N, N) in float64, solves and broadcasts
+   ``c``; each rank forms ``J_r^T c_r`` from its own factors and one
+   all-reduce sums the P-vector. If any rank's guard asks for the generic
+   backend, all ranks take it together;
+3. generic backend: rank 0 gathers the Jacobian rows ``[r_r | J_r]`` and solves
+   ``J^+_k r`` in float64 exactly as a single process would, then broadcasts
+   the step (P);
+4. rank 0 broadcasts a header (verdict, kept, solver) before any result, and
+   the global rows with the singular values, so every rank applies the same
    update bit for bit and reports global diagnostics.
 
-Every branch (an error on any rank, non-finite rows or Jacobian, a failed
-solve) is decided from collective data, so ranks never wait on each other.
+Every branch (an error on any rank, non-finite rows or Jacobian, a fallback,
+a failed solve, a globalised step's trial calls) is decided from collective
+data, so ranks never wait on each other.
 The traffic of a step is in ``opt.last_step.extras`` (``bytes_gathered``,
 ``bytes_broadcast``, ``bytes_reduced``, ``comm_seconds``).
 
@@ -31,7 +39,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -55,7 +63,7 @@ __all__ = [
 ]
 
 # Status codes exchanged between ranks.
-_OK, _RAISED, _NONFINITE, _MISMATCH, _FALLBACK = 0, 1, 2, 3, 4
+_OK, _RAISED, _NONFINITE, _FALLBACK = 0, 1, 2, 3
 _SOLVER_CODES = {name: i for i, name in enumerate(SOLVERS)}
 
 
@@ -124,7 +132,6 @@ class _Outcome:
     solution: SpectralSolution | None = None
     rows: Tensor | None = None
     row_change: Tensor | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -626,7 +633,6 @@ class DataParallel:
         reason = ""
         code, fingerprint, width = _OK, 0.0, 0
         layout: TermLayout | None = None
-        contributions: dict[int, list[tuple[Any, str, str]]] = {}
         try:
             try:
                 contributions, _ = backend._factors(rows, params, captured, out)
@@ -644,7 +650,7 @@ class DataParallel:
             self._raise_if_raised(status, local_error, "the factored backend")
             mismatch = bool((table[:, 1] != table[0, 1]).any())
             if _FALLBACK in status or mismatch:
-                self._warn_fallback(opt, backend, status, reason, mismatch)
+                self._warn_fallback(opt, backend, status, reason)
                 return None
             height = int(sizes.max())
             payload = torch.zeros(height + 1, width, dtype=torch.float64, device=self._device)
@@ -668,9 +674,11 @@ class DataParallel:
             coeffs, s, global_rows, row_change = torch.split(body, [n_total, k, n_total, n_total])
             start = int(sizes[: self.rank].sum())
             local_c = coeffs[start : start + rows.numel()]
-            step = layout.transpose_product(params, local_c)
+            # J_r^T c_r in the parameters' dtype (the factors' precision; DDP's bytes)
+            step = layout.transpose_product(params, local_c).to(params[0].dtype)
             self._timed(lambda: dist.all_reduce(step, group=self.group))
             self.traffic.reduced += step.numel() * step.element_size()
+            step = step.to(torch.float64)
             if not bool(torch.isfinite(step).all()):
                 return _Outcome(_NONFINITE, -1)
             solution = SpectralSolution(s.cpu().clone(), kept, "gram")
@@ -680,10 +688,12 @@ class DataParallel:
             if release is not None:
                 release()
 
-    def _warn_fallback(
-        self, opt: Sven, backend: Any, status: list[int], reason: str, mismatch: bool
-    ) -> None:
-        """The one-time SvenFallbackWarning of a collective fallback (same on every rank)."""
+    def _warn_fallback(self, opt: Sven, backend: Any, status: list[int], reason: str) -> None:
+        """The one-time SvenFallbackWarning of a collective fallback (same on every rank).
+
+        Every rank takes part (one pickled all-gather of the reasons), whether
+        or not it warns, so the collectives stay matched.
+        """
         reasons = self._error_messages(RuntimeError(reason) if reason else None)
         failed = [i for i, s in enumerate(status) if s == _FALLBACK]
         text = (
@@ -691,7 +701,6 @@ class DataParallel:
             if failed
             else "the ranks' layer factors have different shapes"
         )
-        del mismatch
         if text not in opt._warned:
             opt._warned.add(text)
             warnings.warn(

@@ -25,6 +25,7 @@ from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
 from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
 from .info import StepInfo
+from .microbatch import check_microbatch_size, group_rows
 from .residuals import groups_of
 from .solve import SOLVERS, SpectralFilter
 from .variants import VARIANT_OPTIONS, Variants, check_variant_options
@@ -140,8 +141,14 @@ class Sven(torch.optim.Optimizer):
             (Levenberg-Marquardt: ``mu = lambda s_1^2`` with ``lambda`` set by the
             gain ratio; steps that do not reduce ``0.5 ||r||^2`` are undone; one more
             closure call per step), or a :class:`torchsven.AdaptiveDamping` with options.
-        backend: "auto" (the fastest exact backend available) or "generic".
+        backend: "auto" (factored when the model is known, falling back to generic
+            for any step it cannot compute exactly), "factored" or "generic".
         model: the module the parameters belong to, when ``params`` are groups.
+        microbatch_size: one residual row per group of this many samples (dim 0
+            of the closure's output): ``R_g = ||r[group g]||_2``, see
+            :mod:`torchsven.microbatch`; None: every residual is a row.
+        verify: factored backend's coupling probe: "auto" (first step and
+            whenever the model's structure changes) or "always".
         solver: decomposition of a materialised J: "auto", "svd", "gram", "normal".
         chunk_bytes: memory budget of one chunk of batched backward passes.
         process_group: a ``torch.distributed`` process group for exact
@@ -166,7 +173,8 @@ class Sven(torch.optim.Optimizer):
         mask: how the fraction is drawn: "entries", "tensors" or "rows" (output
             rows of Linear / ConvNd layers; needs the model).
         seed: seed of the generator for masks and randomized sketches.
-        randomized: randomized truncated SVD of J with target ``rank`` (needs rank).
+        randomized: randomized solve with target ``rank`` (needs rank): SVD sketch of J
+            (generic backend) or Nystrom sketch of K (factored backend).
         oversample: extra sketch columns of the randomized SVD.
         power_iters: power iterations of the randomized SVD.
         spectrum_every: record the spectrum every n steps in ``opt.spectrum_history``.
@@ -206,6 +214,8 @@ class Sven(torch.optim.Optimizer):
         oversample: int = 10,
         power_iters: int = 2,
         spectrum_every: int | None = None,
+        microbatch_size: int | None = None,
+        verify: str = "auto",
     ) -> None:
         # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
         check_not_ddp(params, "params")
@@ -249,6 +259,21 @@ class Sven(torch.optim.Optimizer):
             )
         )
         self.model = model
+        self.microbatch_size = check_microbatch_size(microbatch_size)
+        if verify not in ("auto", "always"):
+            raise ValueError(f"verify must be 'auto' or 'always', got {verify!r}")
+        self.verify = verify
+        if self.microbatch_size is not None and (
+            self._data_parallel is not None
+            or self.options["line_search"]
+            or isinstance(self.options["damping"], AdaptiveDamping)
+        ):
+            raise ValueError(
+                "microbatch_size cannot be combined with process_group, line_search or "
+                "damping='adaptive' (their trial calls compare per-sample rows)"
+            )
+        self._backend_cache: tuple[tuple, Backend, GenericBackend] | None = None
+        self._backends()  # backend="factored" without a model fails here
         self.last_step: StepInfo | None = None
         self._steps = 0
         self._warned: set[str] = set()
@@ -374,9 +399,20 @@ class Sven(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------- step
     def _backends(self) -> tuple[Backend, GenericBackend]:
-        generic = GenericBackend(self.options["solver"], self.chunk_bytes)
-        primary = make_backend(self.options["backend"], self.model, generic)
-        return primary, generic
+        # Kept across steps: the factored backend remembers which model structures
+        # passed its coupling probe.
+        key = (self.options["backend"], self.options["solver"], self.chunk_bytes)
+        if self._backend_cache is None or self._backend_cache[0] != key:
+            generic = GenericBackend(self.options["solver"], self.chunk_bytes)
+            primary = make_backend(
+                self.options["backend"],
+                self.model,
+                generic,
+                microbatch_size=self.microbatch_size,
+                verify=self.verify,
+            )
+            self._backend_cache = (key, primary, generic)
+        return self._backend_cache[1], self._backend_cache[2]
 
     def _direction(
         self,
@@ -385,11 +421,12 @@ class Sven(torch.optim.Optimizer):
         rows: Tensor,
         params: list[Tensor],
         captured: Any,
+        output: Tensor | None = None,
     ) -> tuple[Direction, str]:
         if primary is generic:
             return generic.direction(rows, params, self.filter), generic.name
         try:
-            return primary.direction(rows, params, self.filter, captured), primary.name
+            return primary.direction(rows, params, self.filter, captured, output), primary.name
         except FallbackRequired as why:
             if why.reason not in self._warned:
                 self._warned.add(why.reason)
@@ -418,10 +455,12 @@ class Sven(torch.optim.Optimizer):
             with primary.capture(params) as captured:
                 out = closure()
             rows = residual_rows(out)
+            if self.microbatch_size is not None:
+                rows = group_rows(out, self.microbatch_size)
             check_finite(rows.detach(), "the residual rows returned by the closure")
             if not params:
                 return out, rows, generic.direction(rows, [], self.filter), generic.name
-            direction, used = self._direction(primary, generic, rows, params, captured)
+            direction, used = self._direction(primary, generic, rows, params, captured, out)
         flat = torch.cat([d.reshape(-1) for d in direction.step])
         check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         return out, rows, direction, used

@@ -77,8 +77,13 @@ class Backend(abc.ABC):
         params: Sequence[Tensor],
         filt: SpectralFilter,
         captured: Any = None,
+        output: Tensor | None = None,
     ) -> Direction:
-        """``J^+_k r`` for rows (N,) with a grad_fn and the trainable ``params``."""
+        """``J^+_k r`` for rows (N,) with a grad_fn and the trainable ``params``.
+
+        ``captured`` is what ``capture`` yielded; ``output`` the closure's
+        unflattened return value (dim 0: samples), when the caller has it.
+        """
 
 
 def check_finite(tensor: Tensor, what: str) -> None:

@@ -124,6 +124,7 @@ class GenericBackend(Backend):
         params: Sequence[Tensor],
         filt: SpectralFilter,
         captured: Any = None,
+        output: Tensor | None = None,
     ) -> Direction:
         jac = jacobian(rows, params, chunk_bytes=self.chunk_bytes, mode=self.mode)
         check_finite(jac, "the Jacobian of the residual rows")

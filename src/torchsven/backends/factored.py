@@ -1,0 +1,604 @@
+"""Factored Gram backend: ``K = J J^T`` from per-layer hook factors, never J.
+
+One step (DESIGN.md sections 2 and 3):
+
+1. ``capture``: forward hooks on the model's modules record each call's inputs
+   and put a tensor hook on its outputs (robust to in-place ops after the layer).
+   Hooks are removed when the closure returns; tensor hooks when the step ends.
+2. One backward of ``sum(rows)`` (``m`` backwards for ``m`` rows per sample)
+   through ``torch.autograd.grad`` gives each call's output gradients and, from
+   the same pass, autograd's ``J^T 1``.
+3. Per layer (:mod:`torchsven.backends.layers`) the factors give ``K_l`` (float64)
+   and ``J_l^T w`` for any row weights ``w``.
+4. Guard: the factors' ``J^T 1`` must equal autograd's (random projections of the
+   weight gradients); on a new model structure (or ``verify="always"``) a probe
+   with random row weights ``v`` compares ``J^T v`` too, which sees coupling
+   between samples. Any mismatch raises :class:`FallbackRequired`, so the
+   optimizer runs the generic backend: never a silently wrong step.
+5. ``c`` from the eigh of K (:func:`torchsven.solve.gram_coefficients`), the
+   update ``J^T c`` from the factors (no second backward) and ``row_change = K c``.
+
+Rows map to samples through dim 0 of the closure's output (S samples): ``m =
+N / S`` rows per sample, or with micro-batches one row per ``b`` samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ..solve import SpectralFilter, gram_coefficients
+from .base import Backend, Direction, FallbackRequired, check_finite
+from .layers import (
+    EmbeddingTerm,
+    GenericTerm,
+    LinearLikeTerm,
+    NormTerm,
+    RowLayout,
+    Term,
+    TermError,
+    conv_factors,
+    dtype_tolerance,
+    embedding_factors,
+    linear_factors,
+    normalized_input,
+)
+
+__all__ = ["VERIFY_MODES", "FactoredBackend"]
+
+#: ``verify`` values: "auto" probes for cross-sample coupling on the first step
+#: and whenever the model's structure (calls, shapes, train/eval flags) changes;
+#: "always" probes on every step.
+VERIFY_MODES = ("auto", "always")
+
+_F64 = torch.float64
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _kind(module: nn.Module) -> str:
+    """Which factor rule a module's own parameters use (exact types only)."""
+    t = type(module)
+    if t is nn.Linear:
+        return "linear"
+    if t in (nn.Conv1d, nn.Conv2d):
+        return "conv"
+    if t is nn.Embedding:
+        return "embedding"
+    if t in _NORMS:
+        return "norm"
+    return "generic"
+
+
+@dataclass
+class Call:
+    """One hooked module call: its inputs, its outputs and their gradients per pass."""
+
+    module: nn.Module
+    name: str
+    kind: str
+    args: tuple
+    kwargs: dict
+    covers: dict[str, Tensor]  # parameter name relative to module -> parameter
+    versions: list[tuple[Tensor, int]]
+    out_leaves: list[Tensor] = field(default_factory=list)
+    grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+
+
+class Recorder:
+    """Hooks of one step: forward (pre-)hooks on modules, tensor hooks on outputs."""
+
+    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+        self.model = model
+        trainable = {id(p) for p in params}
+        self.calls: list[Call] = []
+        self.errors: list[str] = []
+        self.passes = 1
+        self.pass_index = 0
+        self.active = True
+        #: tensor hooks store gradients only during the backend's own backward passes
+        self.armed = False
+        self._stack: list[int] = []
+        self._module_handles: list[Any] = []
+        self._tensor_handles: list[Any] = []
+        self._names: dict[int, str] = {}
+        self._owned: dict[int, dict[str, Tensor]] = {}
+        self._subtree: dict[int, dict[str, Tensor]] = {}
+        for name, module in model.named_modules():
+            sub = {n: p for n, p in module.named_parameters() if id(p) in trainable}
+            if sub:
+                self._names[id(module)] = name
+                self._subtree[id(module)] = sub
+                self._owned[id(module)] = {
+                    n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable
+                }
+
+    # ------------------------------------------------------------- install
+    def install(self) -> None:
+        if _is_compiled(self.model):
+            self.errors.append(
+                "the model is torch.compile-d or scripted; pass the original module to Sven "
+                "for the factored backend"
+            )
+            return
+        try:
+            for module in self.model.modules():
+                if id(module) not in self._subtree:
+                    continue
+                if isinstance(module, torch.jit.ScriptModule):
+                    raise RuntimeError(f"module '{self._names[id(module)]}' is scripted")
+                self._module_handles.append(module.register_forward_pre_hook(self._pre))
+                self._module_handles.append(
+                    module.register_forward_hook(self._post, with_kwargs=True)
+                )
+        except Exception as exc:  # scripted submodules refuse hooks
+            self.remove_module_hooks()
+            self.errors.append(f"cannot hook the model ({exc})")
+
+    def remove_module_hooks(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
+
+    def release(self) -> None:
+        """Remove the tensor hooks and drop every reference to the step's tensors."""
+        self.active = False
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles.clear()
+        self.calls.clear()
+
+    # --------------------------------------------------------------- hooks
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(len(self.calls))
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        try:
+            start = self._stack.pop() if self._stack else len(self.calls)
+            if not self.active:
+                return
+            key = id(module)
+            kind = _kind(module)
+            if kind != "generic":
+                covers = dict(self._owned[key])
+            else:
+                within = {id(p) for c in self.calls[start:] for p in c.covers.values()}
+                covers = {n: p for n, p in self._subtree[key].items() if id(p) not in within}
+            if not covers:
+                return
+            leaves, _ = tree_flatten((args, kwargs))
+            versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
+            call = Call(module, self._names[key], kind, args, kwargs, covers, versions)
+            out_leaves, _ = tree_flatten(output)
+            for t in out_leaves:
+                if isinstance(t, Tensor) and t.requires_grad:
+                    index = len(call.out_leaves)
+                    call.out_leaves.append(t)
+                    call.grads.append([None] * self.passes)
+                    self._tensor_handles.append(t.register_hook(self._grad_hook(call, index)))
+            self.calls.append(call)
+        except Exception as exc:  # never break the user's forward
+            self.errors.append(f"hook failed on module '{self._names.get(id(module))}' ({exc})")
+
+    def _grad_hook(self, call: Call, index: int):
+        def hook(g: Tensor) -> None:
+            if self.active and self.armed:
+                slot = call.grads[index]
+                if len(slot) < self.passes:
+                    slot.extend([None] * (self.passes - len(slot)))
+                slot[self.pass_index] = (
+                    g if slot[self.pass_index] is None else slot[self.pass_index] + g
+                )
+
+        return hook
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    if isinstance(model, torch.jit.ScriptModule):
+        return True
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
+
+
+class FactoredBackend(Backend):
+    """Exact Sven through the per-layer factored Gram matrix (needs the model).
+
+    Args:
+        model: the ``nn.Module`` whose parameters are optimised.
+        microbatch_size: rows were grouped ``b`` samples per row
+            (:func:`torchsven.microbatch.group_rows`); None: not grouped.
+        verify: "auto" or "always" (see :data:`VERIFY_MODES`).
+        ghost: "auto" (cheaper form per layer and step), True or False; for tests.
+        coupled: module types or instances that couple samples; their presence
+            sends the step to the generic backend.
+    """
+
+    name = "factored"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        microbatch_size: int | None = None,
+        verify: str = "auto",
+        ghost: str | bool = "auto",
+        coupled: Sequence[type | nn.Module] = (),
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {list(VERIFY_MODES)}, got {verify!r}")
+        self.model = model
+        self.microbatch_size = microbatch_size
+        self.verify = verify
+        self.ghost = ghost
+        self.coupled = tuple(coupled)
+        #: model structure signature -> None (probe passed) or the fallback reason
+        self._verified: dict[tuple, str | None] = {}
+        #: number of coupling probes run (diagnostics, benchmarks)
+        self.probes = 0
+
+    @contextlib.contextmanager
+    def capture(self, params: Sequence[Tensor]) -> Iterator[Recorder]:
+        recorder = Recorder(self.model, params)
+        recorder.install()
+        try:
+            yield recorder
+        finally:
+            recorder.remove_module_hooks()
+
+    def direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any = None,
+        output: Tensor | None = None,
+    ) -> Direction:
+        if not isinstance(captured, Recorder):
+            raise FallbackRequired("the closure ran without the factored backend's hooks")
+        try:
+            rows = rows.reshape(-1)
+            params = list(params)
+            contributions, layout = self._factors(rows, params, captured, output)
+            return self._solve(rows, params, filt, contributions, layout)
+        finally:
+            captured.release()
+
+    def gram_matrix(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        captured: Any,
+        output: Tensor | None = None,
+    ) -> Tensor:
+        """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
+        if not isinstance(captured, Recorder):
+            raise FallbackRequired("the closure ran without the factored backend's hooks")
+        try:
+            rows = rows.reshape(-1)
+            params = list(params)
+            contributions, layout = self._factors(rows, params, captured, output)
+            return self._gram(rows, params, contributions, layout)[0]
+        finally:
+            captured.release()
+
+    # ----------------------------------------------------------------- steps
+    def _layout(self, rows: Tensor, output: Tensor | None) -> RowLayout:
+        n_rows = rows.numel()
+        samples = output.shape[0] if output is not None and output.dim() >= 1 else n_rows
+        b = self.microbatch_size
+        if b is not None and b > 1:
+            if math.ceil(samples / b) != n_rows:
+                raise FallbackRequired(
+                    f"{n_rows} rows do not match {samples} samples in micro-batches of {b}"
+                )
+            return RowLayout(samples, n_rows, group=b)
+        if samples == 0 or n_rows % samples:
+            raise FallbackRequired(f"{n_rows} rows are not a multiple of {samples} samples")
+        return RowLayout(samples, n_rows, outputs=n_rows // samples)
+
+    def _static_checks(self, recorder: Recorder, layout: RowLayout) -> None:
+        if recorder.errors:
+            raise FallbackRequired(recorder.errors[0])
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+                module.training or not module.track_running_stats
+            ):
+                raise FallbackRequired(
+                    f"{type(module).__name__} '{name}' uses batch statistics, which couple "
+                    "samples (call .eval() on it for the factored backend)"
+                )
+            for mark in self.coupled:
+                if module is mark or (isinstance(mark, type) and isinstance(module, mark)):
+                    raise FallbackRequired(f"module '{name}' is marked as coupling samples")
+        for call in recorder.calls:
+            for t, version in call.versions:
+                if t._version != version:
+                    raise FallbackRequired(
+                        f"an input of module '{call.name}' was modified in place after the call"
+                    )
+            if call.kind != "generic":
+                x = call.args[0] if call.args else None
+                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != layout.samples:
+                    shape = tuple(x.shape) if isinstance(x, Tensor) else None
+                    raise FallbackRequired(
+                        f"module '{call.name}' was called on input of shape {shape}, not "
+                        f"batch-first with {layout.samples} samples"
+                    )
+
+    def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
+        calls = []
+        for c in recorder.calls:
+            leaves, _ = tree_flatten((c.args, c.kwargs))
+            shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor))
+            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
+        flags = tuple(m.training for m in self.model.modules())
+        return (layout, tuple(calls), flags, tuple(id(p) for p in params))
+
+    def _backward(self, rows: Tensor, params: list[Tensor], weights: Tensor) -> list[Tensor]:
+        grads = torch.autograd.grad(
+            rows, params, grad_outputs=weights, retain_graph=True, allow_unused=True
+        )
+        return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+    def _capture_backward(
+        self, rows: Tensor, params: list[Tensor], recorder: Recorder, layout: RowLayout
+    ) -> list[Tensor]:
+        """Output gradients into the recorder; returns autograd's ``J^T 1`` per parameter."""
+        m = layout.outputs
+        recorder.passes = m
+        for call in recorder.calls:
+            for slot in call.grads:
+                slot.extend([None] * (m - len(slot)))
+        total: list[Tensor] | None = None
+        recorder.armed = True
+        for j in range(m):
+            recorder.pass_index = j
+            if m == 1:
+                weights = torch.ones_like(rows)
+            else:
+                weights = torch.zeros(layout.samples, m, dtype=rows.dtype, device=rows.device)
+                weights[:, j] = 1
+                weights = weights.reshape(-1)
+            grads = self._backward(rows, params, weights)
+            total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
+        recorder.active = recorder.armed = False
+        assert total is not None
+        return total
+
+    def _terms(
+        self, recorder: Recorder, layout: RowLayout
+    ) -> dict[int, list[tuple[Term, str, str]]]:
+        """param id -> [(term, name in term, module name)] from the recorded calls."""
+        groups: dict[tuple, list[Call]] = {}
+        for call in recorder.calls:
+            key = (id(call.module), tuple(sorted(call.covers)))
+            groups.setdefault(key, []).append(call)
+        contributions: dict[int, list[tuple[Term, str, str]]] = {}
+        for calls in groups.values():
+            first = calls[0]
+            try:
+                term = self._term(calls, layout)
+            except TermError as exc:
+                raise FallbackRequired(f"module '{first.name}': {exc}") from exc
+            for name, p in first.covers.items():
+                contributions.setdefault(id(p), []).append((term, name, first.name))
+        return contributions
+
+    def _term(self, calls: list[Call], layout: RowLayout) -> Term:
+        first = calls[0]
+        module, covers = first.module, first.covers
+        passes = [c.grads[0] if c.grads else [None] * layout.outputs for c in calls]
+        outs = [c.out_leaves[0] if c.out_leaves else None for c in calls]
+        if first.kind in ("linear", "conv", "embedding", "norm") and any(o is None for o in outs):
+            calls = [c for c, o in zip(calls, outs, strict=True) if o is not None]
+            if not calls:
+                raise TermError("its outputs do not require grad")
+            passes = [c.grads[0] for c in calls]
+            outs = [c.out_leaves[0] for c in calls]
+        weight = "weight" if "weight" in covers else None
+        bias = "bias" if "bias" in covers else None
+        if first.kind in ("linear", "conv"):
+            parts = [
+                linear_factors(c.args[0], layout, gp, o)
+                if first.kind == "linear"
+                else conv_factors(module, c.args[0], layout, gp, o)
+                for c, gp, o in zip(calls, passes, outs, strict=True)
+            ]
+            a = torch.cat([p[0] for p in parts], dim=1)
+            g = torch.cat([p[1] for p in parts], dim=1)
+            return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
+        if first.kind == "embedding":
+            if module.scale_grad_by_freq:
+                raise TermError("scale_grad_by_freq couples samples")
+            parts = [
+                embedding_factors(c.args[0], layout, gp, o)
+                for c, gp, o in zip(calls, passes, outs, strict=True)
+            ]
+            idx = torch.cat([p[0] for p in parts], dim=1)
+            g = torch.cat([p[1] for p in parts], dim=1)
+            return EmbeddingTerm(idx, g, covers, "weight", module.padding_idx)
+        if first.kind == "norm":
+            terms = []
+            for c, gp, o in zip(calls, passes, outs, strict=True):
+                xhat = layout.to_rows(normalized_input(module, c.args[0]))
+                g = layout.grads_to_rows(gp, o)
+                channel = None if isinstance(module, nn.LayerNorm) or _is_rms(module) else 2
+                terms.append(NormTerm(xhat, g, covers, weight, bias, channel))
+            return terms[0] if len(terms) == 1 else _SumTerm(terms, covers)
+        return GenericTerm(
+            module,
+            [(c.args, c.kwargs, c.out_leaves, c.grads) for c in calls],
+            covers,
+            layout,
+        )
+
+    def _check(
+        self,
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        params: list[Tensor],
+        names: dict[int, str],
+        autograd_grads: list[Tensor],
+        weights: Tensor,
+        what: str,
+        generator: torch.Generator,
+    ) -> None:
+        """Factors' ``J^T w`` against autograd's, per parameter; FallbackRequired on mismatch."""
+        for p, ref in zip(params, autograd_grads, strict=True):
+            contribs = contributions.get(id(p), [])
+            tol = dtype_tolerance(p.dtype, weights.numel() * 64)
+            if not contribs:
+                if bool(ref.any()):
+                    raise FallbackRequired(
+                        f"parameter '{names.get(id(p), '?')}' gets gradient outside the hooked "
+                        "module calls"
+                    )
+                continue
+            if len(contribs) == 1:
+                term, name, module_name = contribs[0]
+                shape = term.probe_shape(name)
+                probe = (
+                    None
+                    if shape is None
+                    else torch.randn(shape, generator=generator, dtype=_F64).to(p.device)
+                )
+                sketch = term.sketch(name, weights, probe)
+                value, bound = sketch.value, sketch.bound
+                expected = term.project(name, ref, probe)
+            else:
+                module_name = ", ".join(sorted({c[2] for c in contribs}))
+                value = sum(
+                    t.weighted([n], weights)[n].to(_F64).reshape(-1) for t, n, _ in contribs
+                )
+                bound = float(value.abs().sum())
+                expected = ref.to(_F64).reshape(-1)
+            check_finite(value, "the Jacobian of the residual rows")
+            check_finite(expected, "the Jacobian of the residual rows")
+            err = float((value - expected).norm())
+            scale = bound + float(expected.norm())
+            if not err <= tol * scale:
+                raise FallbackRequired(
+                    f"{what}: the hooks on module '{module_name}' do not reproduce autograd's "
+                    f"gradient of '{names.get(id(p), '?')}' "
+                    f"(relative error {err / max(scale, 1e-300):.1e}"
+                    "; a module used in a way the hooks cannot see, derivatives of the network "
+                    "in the residual, or samples coupled)"
+                )
+
+    def _factors(
+        self,
+        rows: Tensor,
+        params: list[Tensor],
+        recorder: Recorder,
+        output: Tensor | None,
+    ) -> tuple[dict[int, list[tuple[Term, str, str]]], RowLayout]:
+        """Backward(s), per-layer terms, guard and (when due) the coupling probe."""
+        layout = self._layout(rows, output)
+        self._static_checks(recorder, layout)
+        signature = self._signature(recorder, layout, params)
+        known = self._verified.get(signature, "new")
+        if known not in ("new", None):
+            raise FallbackRequired(known)
+        names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        try:
+            ones_grads = self._capture_backward(rows, params, recorder, layout)
+            contributions = self._terms(recorder, layout)
+            generator = torch.Generator().manual_seed(0x5BE7)
+            ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
+            self._check(contributions, params, names, ones_grads, ones, "J^T 1", generator)
+            if known == "new" or self.verify == "always":
+                self.probes += 1
+                v = torch.randn(layout.rows, generator=generator, dtype=_F64).to(rows.device)
+                probe_grads = self._backward(rows, params, v.to(rows.dtype))
+                self._check(
+                    contributions, params, names, probe_grads, v, "random probe J^T v", generator
+                )
+        except FallbackRequired as why:
+            self._verified[signature] = why.reason
+            raise
+        self._verified[signature] = None
+        return contributions, layout
+
+    def _gram(
+        self,
+        rows: Tensor,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """K (R, R) float64 and the materialised per-row gradients of shared parameters."""
+        gram = torch.zeros(layout.rows, layout.rows, dtype=_F64, device=rows.device)
+        by_term: dict[int, tuple[Term, list[str]]] = {}
+        shared: list[list[tuple[Term, str, str]]] = []
+        for p in params:
+            contribs = contributions.get(id(p), [])
+            if len(contribs) == 1:
+                term, name, _ = contribs[0]
+                by_term.setdefault(id(term), (term, []))[1].append(name)
+            elif contribs:
+                shared.append(contribs)
+        for term, term_names in by_term.values():
+            gram += term.gram(term_names)
+        shared_rows = []
+        for contribs in shared:
+            per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
+            per_row = per_row.reshape(layout.rows, -1)
+            shared_rows.append(per_row)
+            gram += per_row @ per_row.mT
+        check_finite(gram, "the Gram matrix of the residual rows")
+        return gram, shared_rows
+
+    def _solve(
+        self,
+        rows: Tensor,
+        params: list[Tensor],
+        filt: SpectralFilter,
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Direction:
+        gram, shared_rows = self._gram(rows, params, contributions, layout)
+        rows64 = rows.detach().to(_F64)
+        coeffs, solution = gram_coefficients(gram, rows64, filt)
+        step: list[Tensor] = []
+        shared_iter = iter(shared_rows)
+        for p in params:
+            contribs = contributions.get(id(p), [])
+            if not contribs:
+                step.append(torch.zeros(p.shape, dtype=_F64, device=p.device))
+            elif len(contribs) == 1:
+                term, name, _ = contribs[0]
+                step.append(term.weighted([name], coeffs)[name].to(_F64).reshape(p.shape))
+            else:
+                step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
+        return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _is_rms(module: nn.Module) -> bool:
+    rms = getattr(nn, "RMSNorm", None)
+    return rms is not None and isinstance(module, rms)
+
+
+class _SumTerm(Term):
+    """Several calls of one module whose terms only materialise: per-row gradients add."""
+
+    def __init__(self, terms: list[Term], params: dict[str, Tensor]) -> None:
+        self.terms, self.params = terms, params
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for term in self.terms:
+            for n, t in term.per_row(names).items():
+                out[n] = t if n not in out else out[n] + t
+        return out

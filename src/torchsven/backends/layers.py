@@ -1,0 +1,584 @@
+"""Per-layer factors of the factored Gram backend (DESIGN.md section 3).
+
+A *layer term* turns what hooks saw during one module's call(s) (inputs ``x``
+and output gradients ``g`` of the backward of ``sum(rows)``) into
+
+* ``gram()``: its contribution ``J_l J_l^T`` (R, R) float64 to ``K = J J^T``;
+* ``weighted(w)``: ``J_l^T w`` per parameter (the update ``J^T c``, and the
+  guard's ``J^T 1`` / probe ``J^T v``), without forming ``J_l``;
+* ``per_row()``: the materialised per-row gradients (R, *shape) per parameter
+  (used when one parameter is reached through several modules).
+
+Row layout (:class:`RowLayout`): S samples (dim 0 of every hooked input), R
+rows. A row holds ``b`` consecutive samples (micro-batches, ``b >= 1``) or a
+sample gives ``m`` consecutive rows (multi-output, ``m >= 1``). Tensors
+indexed by sample are brought to a *row-batched* layout (R, b, ...): the
+per-row gradient is the sum over the row's ``b`` samples of the per-sample
+terms (zero output gradient on the padding of a short last group).
+
+Linear-like layers (Linear, Conv1d/Conv2d after im2col) share one core with
+``A`` (R, T, groups, dk) inputs and ``G`` (R, T, groups, do) output gradients
+over T positions; the per-row weight gradient of group ``q`` is
+``sum_t G[r, t, q]^T A[r, t, q]`` and
+
+* ghost form:        ``K_ij = sum_q sum_{t,s} (A_itq . A_jsq) (G_itq . G_jsq)``
+  (T = 1: ``(A A^T) * (G G^T)``), cost ~ R^2 T^2 (dk + do);
+* materialised form: ``W_r = G_r^T A_r``, ``K = W W^T``, cost ~ R T dk do + R^2 dk do;
+
+the cheaper is chosen per layer and per step.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+__all__ = [
+    "EmbeddingTerm",
+    "GenericTerm",
+    "LinearLikeTerm",
+    "NormTerm",
+    "RowLayout",
+    "TermError",
+]
+
+_F64 = torch.float64
+#: Elements of one float64 block of the ghost form (R_block x R x T x T).
+GHOST_BLOCK_ELEMS = 1 << 24
+
+
+class TermError(Exception):
+    """A layer term cannot represent this call exactly (becomes FallbackRequired)."""
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How rows map to samples: ``rows = samples * outputs`` or ``ceil(samples / group)``."""
+
+    samples: int
+    rows: int
+    outputs: int = 1
+    group: int = 1
+
+    def to_rows(self, t: Tensor) -> Tensor:
+        """Sample-indexed (S, ...) -> row-batched (R, b, ...); a short last group repeats its
+        last sample (its output gradients are zero there)."""
+        if self.outputs > 1:
+            return t.repeat_interleave(self.outputs, dim=0).unsqueeze(1)
+        if self.group > 1:
+            pad = self.rows * self.group - self.samples
+            if pad:
+                t = torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+            return t.reshape(self.rows, self.group, *t.shape[1:])
+        return t.unsqueeze(1)
+
+    def grads_to_rows(self, per_pass: Sequence[Tensor | None], like: Tensor) -> Tensor:
+        """Output gradients of the backward pass(es) (S, ...) each -> (R, b, ...).
+
+        With m outputs per sample, pass j holds the gradients of rows ``j::m``.
+        Missing gradients (the output did not reach the rows) are zeros.
+        """
+        filled = [torch.zeros_like(like) if g is None else g for g in per_pass]
+        if self.outputs > 1:
+            return torch.stack(filled, dim=1).reshape(self.rows, 1, *like.shape[1:])
+        g = filled[0]
+        if self.group > 1:
+            pad = self.rows * self.group - self.samples
+            if pad:
+                g = torch.cat([g, g.new_zeros(pad, *g.shape[1:])])
+            return g.reshape(self.rows, self.group, *g.shape[1:])
+        return g.unsqueeze(1)
+
+
+def _gram(mat: Tensor) -> Tensor:
+    """``M M^T`` (R, R) float64 of per-row vectors M (R, ...)."""
+    flat = mat.reshape(mat.shape[0], -1).to(_F64)
+    return flat @ flat.mT
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """``J_p^T w`` projected on a random direction, with a scale for the tolerance.
+
+    ``value`` approximates ``proj(J_p^T w)``; ``bound`` bounds the sum of
+    absolute terms that made it (rounding-error scale).
+    """
+
+    value: Tensor
+    bound: float
+
+
+class Term:
+    """One module's contribution; see the module docstring."""
+
+    #: param name (relative to the module) -> parameter tensor
+    params: dict[str, Tensor]
+
+    def gram(self, names: Sequence[str]) -> Tensor:
+        per_row = self.per_row(names)
+        out = None
+        for t in per_row.values():
+            g = _gram(t)
+            out = g if out is None else out + g
+        return out
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def weighted(self, names: Sequence[str], w: Tensor) -> dict[str, Tensor]:
+        """``J_p^T w`` per parameter, in the parameter's shape (w: (R,) float64)."""
+        per_row = self.per_row(names)
+        return {n: torch.tensordot(w.to(t.dtype), t, dims=1) for n, t in per_row.items()}
+
+    def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        """``J_p^T w`` projected on ``probe`` (see ``probe_shape``); default: not projected."""
+        full = self.weighted([name], w)[name].to(_F64)
+        per_row = self.per_row([name])[name].to(_F64)
+        bound = float((w.abs() * per_row.reshape(per_row.shape[0], -1).norm(dim=1)).sum())
+        return Sketch(full.reshape(-1), bound)
+
+    def probe_shape(self, name: str) -> tuple[int, ...] | None:
+        """Shape of the random direction ``sketch`` projects on (None: no projection)."""
+        return None
+
+    def project(self, name: str, autograd_grad: Tensor, probe: Tensor | None) -> Tensor:
+        """Autograd's gradient of ``name`` projected as ``sketch`` projects the factors'."""
+        return autograd_grad.to(_F64).reshape(-1)
+
+
+# --------------------------------------------------------------------------- linear-like
+class LinearLikeTerm(Term):
+    """Linear / Conv after im2col: A (R, T, q, dk), G (R, T, q, do).
+
+    Args:
+        weight_name, bias_name: parameter names (bias_name None: no trainable bias).
+        weight_shape: the weight's shape ((q do, dk...) in any grouping).
+        ghost: "auto", True or False.
+    """
+
+    def __init__(
+        self,
+        a: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        weight_name: str | None,
+        bias_name: str | None,
+        ghost: str | bool = "auto",
+    ) -> None:
+        self.a, self.g = a, g
+        self.params = params
+        self.weight_name, self.bias_name = weight_name, bias_name
+        rows, positions, groups, dk = a.shape
+        do = g.shape[-1]
+        if ghost == "auto":
+            ghost_cost = rows * rows * positions * positions * groups * (dk + do)
+            mat_cost = rows * positions * groups * dk * do + rows * rows * groups * dk * do
+            ghost = positions == 1 or ghost_cost <= mat_cost
+        self.ghost = bool(ghost)
+        self._materialised: Tensor | None = None
+
+    def _weight_rows(self) -> Tensor:
+        """Per-row weight gradients (R, q, do, dk) in the factors' dtype."""
+        if self._materialised is None:
+            self._materialised = torch.einsum("rtqo,rtqk->rqok", self.g, self.a)
+        return self._materialised
+
+    def _ghost_gram(self) -> Tensor:
+        a, g = self.a.to(_F64), self.g.to(_F64)
+        rows, positions, groups, _ = a.shape
+        if positions == 1:
+            a2, g2 = a[:, 0], g[:, 0]  # (R, q, d)
+            if groups == 1:
+                return (a2[:, 0] @ a2[:, 0].mT) * (g2[:, 0] @ g2[:, 0].mT)
+            return (
+                torch.einsum("iqk,jqk->ijq", a2, a2)
+                .mul_(torch.einsum("iqo,jqo->ijq", g2, g2))
+                .sum(-1)
+            )
+        out = a.new_zeros(rows, rows)
+        block = max(1, GHOST_BLOCK_ELEMS // max(1, rows * positions * positions * groups))
+        for start in range(0, rows, block):
+            sl = slice(start, start + block)
+            aa = torch.einsum("itqk,jsqk->ijqts", a[sl], a)
+            gg = torch.einsum("itqo,jsqo->ijqts", g[sl], g)
+            out[sl] = (aa * gg).sum(dim=(2, 3, 4))
+        return out
+
+    def gram(self, names: Sequence[str]) -> Tensor:
+        out = self.a.new_zeros(self.a.shape[0], self.a.shape[0], dtype=_F64)
+        if self.weight_name in names:
+            out = out + (self._ghost_gram() if self.ghost else _gram(self._weight_rows()))
+        if self.bias_name in names:
+            out = out + _gram(self.g.sum(dim=1))
+        return out
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        rows = self.a.shape[0]
+        out = {}
+        if self.weight_name in names:
+            shape = self.params[self.weight_name].shape
+            out[self.weight_name] = self._weight_rows().reshape(rows, *shape)
+        if self.bias_name in names:
+            out[self.bias_name] = self.g.sum(dim=1).reshape(rows, -1)
+        return out
+
+    def weighted(self, names: Sequence[str], w: Tensor) -> dict[str, Tensor]:
+        w = w.to(self.g.dtype)
+        out = {}
+        if self.weight_name in names:
+            shape = self.params[self.weight_name].shape
+            if self._materialised is not None:
+                out[self.weight_name] = torch.tensordot(w, self._materialised, dims=1).reshape(
+                    shape
+                )
+            else:
+                gw = self.g * w[:, None, None, None]
+                out[self.weight_name] = torch.einsum("rtqo,rtqk->qok", gw, self.a).reshape(shape)
+        if self.bias_name in names:
+            out[self.bias_name] = torch.einsum("r,rtqo->qo", w, self.g).reshape(-1)
+        return out
+
+    def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        if name != self.weight_name or probe is None:
+            return super().sketch(name, w, probe)
+        rows, _, groups, dk = self.a.shape
+        u = probe.reshape(groups, dk).to(self.a.dtype)
+        au = torch.einsum("rtqk,qk->rtq", self.a, u)  # (R, T, q)
+        value = torch.einsum("r,rtqo,rtq->qo", w.to(self.g.dtype), self.g, au)
+        bound = float(
+            (
+                w.abs()
+                * self.g.reshape(rows, -1).to(_F64).norm(dim=1)
+                * au.reshape(rows, -1).to(_F64).norm(dim=1)
+            ).sum()
+        )
+        return Sketch(value.to(_F64).reshape(-1), bound)
+
+    def project(self, name: str, autograd_grad: Tensor, probe: Tensor | None) -> Tensor:
+        if name != self.weight_name or probe is None:
+            return super().project(name, autograd_grad, probe)
+        _, _, groups, dk = self.a.shape
+        gw = autograd_grad.to(self.a.dtype).reshape(groups, -1, dk)
+        u = probe.reshape(groups, dk).to(self.a.dtype)
+        return torch.einsum("qok,qk->qo", gw, u).to(_F64).reshape(-1)
+
+    def probe_shape(self, name: str) -> tuple[int, ...] | None:
+        if name == self.weight_name:
+            return (self.a.shape[2] * self.a.shape[3],)
+        return None
+
+
+def linear_factors(
+    x: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None], out_like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Linear on (S, *lead, d_in): A (R, b T, 1, d_in), G (R, b T, 1, d_out)."""
+    a = layout.to_rows(x.detach())
+    g = layout.grads_to_rows(g_passes, out_like)
+    rows = a.shape[0]
+    return a.reshape(rows, -1, 1, x.shape[-1]), g.reshape(rows, -1, 1, out_like.shape[-1])
+
+
+def _explicit_conv_input(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, tuple]:
+    """Input padded as the convolution sees it (4-D) and the remaining zero padding."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        kernel = (1, module.kernel_size[0])
+        stride, dilation = (1, module.stride[0]), (1, module.dilation[0])
+    else:
+        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    spatial = 1 if isinstance(module, nn.Conv1d) else 2
+    if module.padding_mode != "zeros":
+        # nn.ConvNd pads explicitly with this mode, then convolves without padding.
+        x = F.pad(
+            x if spatial == 2 else x.squeeze(2),
+            module._reversed_padding_repeated_twice,
+            mode=module.padding_mode,
+        )
+        if spatial == 1:
+            x = x.unsqueeze(2)
+        padding: tuple[int, int] = (0, 0)
+    elif isinstance(module.padding, str):
+        if module.padding == "valid":
+            padding = (0, 0)
+        else:  # "same": total d (k - 1), the extra one on the right as torch does
+            pads = []
+            ks = module.kernel_size
+            dl = module.dilation
+            for d, k in zip(reversed(dl), reversed(ks), strict=True):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            x = F.pad(x if spatial == 2 else x.squeeze(2), pads)
+            if spatial == 1:
+                x = x.unsqueeze(2)
+            padding = (0, 0)
+    else:
+        padding = (0, module.padding[0]) if spatial == 1 else tuple(module.padding)
+    return x, (kernel, dilation, padding, stride)
+
+
+def conv_factors(
+    module: nn.Conv1d | nn.Conv2d,
+    x: Tensor,
+    layout: RowLayout,
+    g_passes: Sequence[Tensor | None],
+    out_like: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Conv1d/Conv2d by im2col: A (R, b L, q, C_in/q k), G (R, b L, q, C_out/q)."""
+    x4, (kernel, dilation, padding, stride) = _explicit_conv_input(module, x.detach())
+    cols = F.unfold(x4, kernel, dilation=dilation, padding=padding, stride=stride)  # (S, Ck, L)
+    groups = module.groups
+    samples, ck, positions = cols.shape
+    a = cols.transpose(1, 2).reshape(samples, positions, groups, ck // groups)
+    g = layout.grads_to_rows(g_passes, out_like)  # (R, b, C_out, *spatial)
+    rows, per_row = g.shape[0], g.shape[1]
+    g = g.reshape(rows, per_row, module.out_channels, -1).transpose(2, 3)
+    g = g.reshape(rows, per_row * positions, groups, module.out_channels // groups)
+    a = layout.to_rows(a).reshape(rows, per_row * positions, groups, ck // groups)
+    return a, g
+
+
+# --------------------------------------------------------------------------- embedding
+class EmbeddingTerm(Term):
+    """Embedding: indices (R, T), G (R, T, d); per-row gradient scatters G into rows of W.
+
+    Ghost form ``K_ij = sum_{t,s} [idx_it == idx_js] (G_it . G_js)`` or the
+    per-row gradient restricted to the used vocabulary, whichever is cheaper.
+    """
+
+    def __init__(
+        self, idx: Tensor, g: Tensor, params: dict[str, Tensor], name: str, padding_idx: int | None
+    ) -> None:
+        if padding_idx is not None:
+            g = g * (idx != padding_idx).unsqueeze(-1).to(g.dtype)
+        self.idx, self.g, self.params, self.name = idx, g, params, name
+
+    def _used_rows(self) -> tuple[Tensor, Tensor]:
+        """Per-row gradients on the used vocabulary (R, U, d) and the used indices (U,)."""
+        used, inverse = torch.unique(self.idx, return_inverse=True)
+        rows = self.idx.shape[0]
+        out = self.g.new_zeros(rows, used.numel(), self.g.shape[-1])
+        out.scatter_add_(1, inverse.unsqueeze(-1).expand(-1, -1, self.g.shape[-1]), self.g)
+        return out, used
+
+    def gram(self, names: Sequence[str]) -> Tensor:
+        rows, positions = self.idx.shape
+        if self.name not in names:
+            return self.g.new_zeros(rows, rows, dtype=_F64)
+        d = self.g.shape[-1]
+        used = int(torch.unique(self.idx).numel())
+        ghost_cost = rows * rows * positions * positions * d
+        mat_cost = rows * positions * d + rows * rows * used * d
+        if ghost_cost <= mat_cost:
+            g = self.g.to(_F64)
+            out = g.new_zeros(rows, rows)
+            block = max(1, GHOST_BLOCK_ELEMS // max(1, rows * positions * positions))
+            for start in range(0, rows, block):
+                sl = slice(start, start + block)
+                same = self.idx[sl, None, :, None] == self.idx[None, :, None, :]
+                gg = torch.einsum("itd,jsd->ijts", g[sl], g)
+                out[sl] = (gg * same).sum(dim=(2, 3))
+            return out
+        return _gram(self._used_rows()[0])
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        if self.name not in names:
+            return {}
+        weight = self.params[self.name]
+        rows = self.idx.shape[0]
+        out = self.g.new_zeros(rows, *weight.shape)
+        out.scatter_add_(1, self.idx.unsqueeze(-1).expand(-1, -1, weight.shape[1]), self.g)
+        return {self.name: out}
+
+    def weighted(self, names: Sequence[str], w: Tensor) -> dict[str, Tensor]:
+        if self.name not in names:
+            return {}
+        weight = self.params[self.name]
+        gw = (self.g * w.to(self.g.dtype)[:, None, None]).reshape(-1, weight.shape[1])
+        out = self.g.new_zeros(weight.shape)
+        out.index_add_(0, self.idx.reshape(-1), gw)
+        return {self.name: out}
+
+    def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        value = self.weighted([name], w)[name].to(_F64).reshape(-1)
+        norms = self.g.to(_F64).norm(dim=-1).sum(dim=1)
+        return Sketch(value, float((w.abs() * norms).sum()))
+
+
+def embedding_factors(
+    idx: Tensor, layout: RowLayout, g_passes: Sequence[Tensor | None], out_like: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Indices (R, b T) and output gradients (R, b T, d)."""
+    i = layout.to_rows(idx)
+    g = layout.grads_to_rows(g_passes, out_like)
+    rows = i.shape[0]
+    return i.reshape(rows, -1), g.reshape(rows, -1, out_like.shape[-1])
+
+
+# --------------------------------------------------------------------------- norms
+class NormTerm(Term):
+    """Elementwise affine after normalisation: per-row grads materialised.
+
+    ``xhat`` and ``g`` are row-batched (R, b, ...); ``reduce_dims`` the dims
+    (after the row dim) summed to reach the parameter's shape, ``param_view``
+    the shape the per-row (R, ...) result takes.
+    """
+
+    def __init__(
+        self,
+        xhat: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        weight_name: str | None,
+        bias_name: str | None,
+        channel_dim: int | None,
+    ) -> None:
+        self.params = params
+        self.weight_name, self.bias_name = weight_name, bias_name
+        rows = g.shape[0]
+        self._rows: dict[str, Tensor] = {}
+        if channel_dim is None:  # LayerNorm: parameter shape = trailing dims
+            shape = next(iter(params.values())).shape
+            lead = g.shape[: g.dim() - len(shape)]
+            flat_g = g.reshape(rows, -1, *shape)
+            if weight_name is not None:
+                self._rows[weight_name] = (flat_g * xhat.reshape(rows, -1, *shape)).sum(1)
+            if bias_name is not None:
+                self._rows[bias_name] = flat_g.sum(1)
+            del lead
+        else:  # channels at dim channel_dim of the per-sample tensor (after R, b)
+            c = g.shape[channel_dim]
+            moved_g = g.movedim(channel_dim, -1).reshape(rows, -1, c)
+            if weight_name is not None:
+                moved_x = xhat.movedim(channel_dim, -1).reshape(rows, -1, c)
+                self._rows[weight_name] = (moved_g * moved_x).sum(1)
+            if bias_name is not None:
+                self._rows[bias_name] = moved_g.sum(1)
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        return {
+            n: t.reshape(t.shape[0], *self.params[n].shape)
+            for n, t in self._rows.items()
+            if n in names
+        }
+
+
+def normalized_input(module: nn.Module, x: Tensor) -> Tensor:
+    """``xhat`` of a LayerNorm / GroupNorm / BatchNorm (eval) call on x (S, ...)."""
+    x = x.detach()
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(x, module.num_groups, None, None, module.eps)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = module.running_mean.reshape(shape)
+        var = module.running_var.reshape(shape)
+        return (x - mean) * torch.rsqrt(var + module.eps)
+    rms = getattr(nn, "RMSNorm", None)
+    if rms is not None and isinstance(module, rms):
+        dims = tuple(range(-len(module.normalized_shape), 0))
+        eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
+        return x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    raise TermError(f"no normalisation rule for {type(module).__name__}")
+
+
+# --------------------------------------------------------------------------- generic
+class GenericTerm(Term):
+    """Any module: per-row gradients of the covered parameters by ``torch.func``.
+
+    For each row, ``vjp`` of ``functional_call(module, params, args_r)`` with the
+    row's output gradients, vmapped over rows (``args_r``: the row's samples,
+    (b, ...)). Exact when the module treats samples independently (the
+    backend's probe checks that).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        calls: Sequence[tuple[tuple, dict, list, list]],
+        params: dict[str, Tensor],
+        layout: RowLayout,
+    ) -> None:
+        self.params = params
+        names = list(params)
+        total: dict[str, Tensor] | None = None
+        for args, kwargs, out_leaves, g_passes in calls:
+            grads = _vmap_rows(module, names, params, args, kwargs, out_leaves, g_passes, layout)
+            total = grads if total is None else {n: total[n] + grads[n] for n in names}
+        self._rows = total or {}
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        return {n: self._rows[n] for n in names if n in self._rows}
+
+
+def _vmap_rows(
+    module: nn.Module,
+    names: list[str],
+    params: dict[str, Tensor],
+    args: tuple,
+    kwargs: dict,
+    out_leaves: list[Tensor],
+    g_passes: list[list[Tensor | None]],
+    layout: RowLayout,
+) -> dict[str, Tensor]:
+    leaves, spec = tree_flatten((args, kwargs))
+    batched = [
+        isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == layout.samples for t in leaves
+    ]
+    if not any(batched):
+        raise TermError("no input has the batch (rows') size in dim 0")
+    in_leaves = [
+        layout.to_rows(t.detach()) if b else (t.detach() if isinstance(t, Tensor) else t)
+        for t, b in zip(leaves, batched, strict=True)
+    ]
+    tensor_slots = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
+    tensors = [in_leaves[i] for i in tensor_slots]
+    t_dims = [0 if batched[i] else None for i in tensor_slots]
+    used = [k for k, gp in enumerate(g_passes) if any(g is not None for g in gp)]
+    gs = [layout.grads_to_rows(g_passes[k], out_leaves[k]) for k in used]
+    n_out = len(out_leaves)
+    pvals = {n: params[n].detach() for n in names}
+
+    def row_loss(pv: dict[str, Tensor], tens: list[Tensor], gl: list[Tensor]) -> Tensor:
+        leaves_r = list(in_leaves)
+        for slot, t in zip(tensor_slots, tens, strict=True):
+            leaves_r[slot] = t
+        a, kw = tree_unflatten(leaves_r, spec)
+        out, _ = tree_flatten(functional_call(module, pv, a, kw))
+        outs = [o for o in out if isinstance(o, Tensor)]
+        if len(outs) != n_out:
+            raise TermError("the module's outputs changed between calls")
+        total = outs[0].new_zeros(())
+        for k, g in zip(used, gl, strict=True):
+            total = total + (outs[k] * g).sum()
+        return total
+
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            # vmap loops over ops without a batching rule: exact, only slower.
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            per_row = vmap(
+                grad(row_loss), in_dims=(None, t_dims, [0] * len(gs)), randomness="error"
+            )(pvals, tensors, gs)
+        return {n: t.detach() for n, t in per_row.items()}
+    except TermError:
+        raise
+    except Exception as exc:  # vmap cannot run this module per row
+        raise TermError(
+            f"per-row gradients by torch.func failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
+    """Relative tolerance of the guard for sums of ``terms`` products in ``dtype``."""
+    eps = torch.finfo(dtype).eps
+    return min(0.05, max(1e-11, 64 * eps * math.sqrt(terms + 1)))
