@@ -183,10 +183,37 @@ def globalised_run(rank: int, split: list[int], options: dict, group=None) -> di
 
 @check
 def globalised(rank: int, world: int) -> dict:
-    return {
+    out: dict = {
         name: globalised_run(rank, SPLITS[world], options, group())
         for name, options in GLOBALISED.items()
     }
+    out["trial_raise"] = trial_raise(rank)
+    return out
+
+
+def trial_raise(rank: int) -> dict:
+    """Rank 1 raises in the trial call of an adaptive step: every rank raises, nothing moves."""
+    import torchsven
+
+    model, _, x, y = build(8)
+    opt = torchsven.Sven(model, damping="adaptive", process_group=group())
+    part = local_slice([4, 4], rank)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if rank == 1 and calls == 2:
+            raise RuntimeError("trial failed on rank 1")
+        return model(x[0, part]) - y[0, part]
+
+    before = flat(model)
+    try:
+        opt.step(closure)
+        raised = None
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    return {"raised": raised, "unchanged": flat(model) == before and opt.last_step is None}
 
 
 @check
@@ -421,6 +448,12 @@ def test_data_parallel_equals_one_process(world: int, spawned: dict[int, list[di
 
 def _check_globalised(ranks: list[dict]) -> None:
     world = len(ranks)
+    for rank, r in enumerate(ranks):
+        out = _ok(r["globalised"])["trial_raise"]
+        assert out["unchanged"], rank
+        kind, message = out["raised"]
+        assert "trial failed on rank 1" in message
+        assert kind == ("RuntimeError" if rank == 1 else "DistributedStepError")
     # adaptive damping and backtracking: same trial losses and decisions everywhere
     for name, options in GLOBALISED.items():
         expected = globalised_run(0, [sum(SPLITS[world])], options)
@@ -478,12 +511,13 @@ def test_bench_traffic_formulas() -> None:
     assert layers == [(8, 64), (64, 64), (64, 1)]
     n_params = sum(d_in * d_out + d_out for d_in, d_out in layers)
     got = factored_bytes(256, layers, n_params)
-    # per row: the residual and x, g of each Linear, float64
+    # per row: the residual and x, g of each Linear, float64; the step in float32
     assert got == {
         "gathered": 8 * 256 * (1 + 72 + 128 + 65),
-        "broadcast": 8 * 256,
-        "reduced": 8 * n_params,
+        "broadcast": 8 * 4 * 256,
+        "reduced": 4 * n_params,
     }
+
     assert project_seconds(1e9, 2, (1e9, 1e-3)) == pytest.approx(1.002)
 
 
