@@ -13,18 +13,18 @@ Times are medians over ``--steps`` steps after one warm-up step, interleaved
 method by method within each repetition so that machine load hits all methods
 alike; the parameters are reset (untimed) before every step, so every step
 does the same work. Peak memory is measured in a fresh process per method: the
-increase of the peak resident set size over the resident size just before the
-first step. Methods that materialise J run only where J takes at most
+peak resident set size over two steps (after a warm-up step) minus the
+resident size before them. Methods that materialise J run only where J takes at most
 ``--max-jacobian-gb`` (float64) and are marked skipped otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -241,23 +241,34 @@ def _time_case(case: SpeedCase, steps: int, max_gb: float) -> dict[str, Any]:
     return result
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _memory_worker(case_name: str, method: str) -> dict[str, float]:
-    """In a fresh process: peak RSS increase (MB) over two steps of one method."""
+    """In a fresh process: peak RSS over the RSS before a step (MB), after a warm-up step.
+
+    The warm-up step maps the libraries' code and allocates persistent state
+    (SGD momentum); the kernel's peak-RSS mark (VmHWM) is then reset through
+    ``/proc/self/clear_refs`` so the peak covers two steps only.
+    """
     case = CASES[case_name]
     model, x, y, task = case.build(case.rows_n)
     rows, loss = _rows_and_loss(model, x, y, task)
     step = _stepper(method, model, rows, loss)
-    before = _rss_bytes()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    before = _status_kb("VmRSS")
     step()
     step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_mb": max(0.0, (peak - before) / 1e6), "setup_peak_hidden": peak_before > before}
+    peak = _status_kb("VmHWM")
+    return {"peak_mb": max(0.0, (peak - before) * 1024 / 1e6)}
 
 
 def _memory(case_name: str, method: str, threads: int) -> float | None:
@@ -354,10 +365,11 @@ def _parser() -> argparse.ArgumentParser:
         "--cases", nargs="*", default=None, help=f"case names (default: all): {', '.join(CASES)}"
     )
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, 5 steps")
-    p.add_argument("--steps", type=int, default=7, help="timed steps per method (>= 5)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (>= 5)")
     p.add_argument("--max-jacobian-gb", type=float, default=1.0)
     p.add_argument("--no-memory", action="store_true", help="skip the per-process memory runs")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as set)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: stable timings on a shared, loaded CPU)")
     p.add_argument(
         "--out", type=Path, default=Path("benchmarks"), help="folder for speed.json and speed.md"
     )
@@ -368,8 +380,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the speed benchmark; returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.memory_worker:
         print(json.dumps(_memory_worker(*args.memory_worker)))
         return 0
