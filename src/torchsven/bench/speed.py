@@ -334,6 +334,9 @@ def _table(results: list[dict[str, Any]]) -> str:
     def fmt(v: float | None, digits: int = 1) -> str:
         return "skipped" if v is None else f"{v:.{digits}f}"
 
+    def ratio(v: float | None) -> str:
+        return "skipped" if v is None else f"{v:.1f}x"
+
     for r in results:
         t, q, mem = r["time_ms"], r["ratios"], r.get("peak_mb", {})
 
@@ -349,7 +352,7 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"{fmt(t['factored'])} | {fmt(t.get('generic'))}{star('generic')} | "
             f"{fmt(t.get('svd'))}{star('svd')} | "
             f"{fmt(r['eigh_ms'])} | {q['factored/sgd']:.2f}x | {q['factored/(sgd+eigh)']:.2f}x | "
-            f"{fmt(q.get('generic/factored'))}x | {fmt(q.get('svd/factored'))}x | "
+            f"{ratio(q.get('generic/factored'))} | {ratio(q.get('svd/factored'))} | "
             f"{q['factored-verify/factored']:.2f}x | {mems} |"
         )
     lines.append("")
