@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from .dist_harness import check, run_ranks
+from .dist_harness import check, group, run_ranks
 from .reference import dense_jacobian, reference_step, rel_err
 
 STEPS = 3
@@ -134,13 +134,11 @@ def _distributed_run(
 ) -> dict:
     import warnings
 
-    import torch.distributed as dist
-
     import torchsven
 
     model, groups, x, y = build(sum(split), kind=kind)
     opt = torchsven.Sven(
-        groups, model=model, rank=cap, rtol=RTOL, backend=backend, process_group=dist.group.WORLD
+        groups, model=model, rank=cap, rtol=RTOL, backend=backend, process_group=group()
     )
     part = local_slice(split, rank)
     history, infos = [], []
@@ -185,12 +183,37 @@ def globalised_run(rank: int, split: list[int], options: dict, group=None) -> di
 
 @check
 def globalised(rank: int, world: int) -> dict:
-    import torch.distributed as dist
-
-    return {
-        name: globalised_run(rank, SPLITS[world], options, dist.group.WORLD)
+    out: dict = {
+        name: globalised_run(rank, SPLITS[world], options, group())
         for name, options in GLOBALISED.items()
     }
+    out["trial_raise"] = trial_raise(rank)
+    return out
+
+
+def trial_raise(rank: int) -> dict:
+    """Rank 1 raises in the trial call of an adaptive step: every rank raises, nothing moves."""
+    import torchsven
+
+    model, _, x, y = build(8)
+    opt = torchsven.Sven(model, damping="adaptive", process_group=group())
+    part = local_slice([4, 4], rank)
+    calls = 0
+
+    def closure() -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if rank == 1 and calls == 2:
+            raise RuntimeError("trial failed on rank 1")
+        return model(x[0, part]) - y[0, part]
+
+    before = flat(model)
+    try:
+        opt.step(closure)
+        raised = None
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    return {"raised": raised, "unchanged": flat(model) == before and opt.last_step is None}
 
 
 @check
@@ -231,12 +254,10 @@ def pde_fallback(rank: int, world: int) -> dict:
 @check
 def raising_rank(rank: int, world: int) -> dict:
     """Rank 1 raises in the closure: every rank raises, nothing changes, the group lives on."""
-    import torch.distributed as dist
-
     import torchsven
 
     model, groups, x, y = build(4 * world)
-    opt = torchsven.Sven(groups, model=model, process_group=dist.group.WORLD)
+    opt = torchsven.Sven(groups, model=model, process_group=group())
     part = local_slice([4] * world, rank)
 
     def bad_closure() -> torch.Tensor:
@@ -259,7 +280,7 @@ def raising_rank(rank: int, world: int) -> dict:
     unchanged = unchanged and flat(model) == before and opt.last_step is None
     opt.step(lambda: model(x[0, part]) - y[0, part])  # the group still works
     after = flat(model)
-    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=dist.group.WORLD)
+    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=group())
     skipping.step(lambda: (model(x[1, part]) - y[1, part]) / (rank != world - 1))
     skipped = skipping.last_step.extras.get("skipped") is True and flat(model) == after
     return {
@@ -274,8 +295,6 @@ def raising_rank(rank: int, world: int) -> dict:
 @check
 def disagreeing_ranks(rank: int, world: int) -> dict:
     """Different parameters at construction, different lrs at a step: ValueError everywhere."""
-    import torch.distributed as dist
-
     import torchsven
 
     model = build(2 * world)[0]
@@ -284,11 +303,11 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
         with torch.no_grad():
             model[0].weight[0, 0] += 1e-12
     try:
-        torchsven.Sven(model, process_group=dist.group.WORLD)
+        torchsven.Sven(model, process_group=group())
     except ValueError as exc:
         errors.append(str(exc))
     model, _, x, y = build(2 * world)
-    opt = torchsven.Sven(model, process_group=dist.group.WORLD)
+    opt = torchsven.Sven(model, process_group=group())
     opt.param_groups[0]["lr"] = 1.0 + rank
     try:
         opt.step(lambda: model(x[0, rank * 2 : rank * 2 + 2]) - y[0, rank * 2 : rank * 2 + 2])
@@ -296,21 +315,39 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
         errors.append(str(exc))
     ddp_error = None
     try:
-        torchsven.Sven(nn.parallel.DistributedDataParallel(model), process_group=dist.group.WORLD)
+        torchsven.Sven(nn.parallel.DistributedDataParallel(model), process_group=group())
     except TypeError as exc:
         ddp_error = str(exc)
     return {"errors": errors, "ddp": ddp_error}
 
 
-#: checks run with 3 processes (all of them run with 2; the machine has 2 cores)
-NAMES_3 = ["uneven_generic", "raising_rank"]
-NAMES = [
-    "example_script",
-    "globalised",
-    "uneven_generic",
-    "even_generic",
-    "raising_rank",
-    "disagreeing_ranks",
+#: One spawn of 3 processes serves both world sizes: the checks of size 3 run
+#: on the whole group, those of size 2 on a sub-group of ranks 0 and 1. Checks
+#: that use the default group (the example script, DDP) run with 3.
+PLAN = [
+    (
+        3,
+        [
+            "example_script",
+            "disagreeing_ranks",
+            "uneven_generic",
+            "uneven_factored",
+            "mixed_factored",
+            "pde_fallback",
+            "raising_rank",
+        ],
+    ),
+    (
+        2,
+        [
+            "globalised",
+            "uneven_generic",
+            "even_generic",
+            "uneven_factored",
+            "mixed_factored",
+            "raising_rank",
+        ],
+    ),
 ]
 
 
@@ -319,6 +356,9 @@ RUNS = {
     world: [
         ("uneven_generic", SPLITS[world], None, "mlp", False),
         ("even_generic", EVEN[world], CAP, "mlp", False),
+        ("uneven_factored", SPLITS[world], None, "mlp", False),
+        ("mixed_factored", SPLITS[world], None, "mixed", False),
+        ("pde_fallback", SPLITS[world], None, "mlp", True),
     ]
     for world in (2, 3)
 }
@@ -361,11 +401,16 @@ def _ok(result: tuple[str, object]) -> object:
     return value
 
 
+@pytest.fixture(scope="module")
+def spawned() -> dict[int, list[dict]]:
+    return run_ranks(3, __name__, PLAN)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_data_parallel_equals_one_process(world: int) -> None:
-    names = NAMES if world == 2 else NAMES_3
-    ranks = run_ranks(world, __name__, names)
+def test_data_parallel_equals_one_process(world: int, spawned: dict[int, list[dict]]) -> None:
+    ranks = spawned[world]
+    names = dict(PLAN)[world]
     for rank_out in ranks:
         assert "__init__" not in rank_out, rank_out.get("__init__")
 
@@ -394,15 +439,21 @@ def test_data_parallel_equals_one_process(world: int) -> None:
         fallback_warned = [w for w in runs[0]["infos"][0]["warnings"] if "generic backend" in w]
         assert bool(fallback_warned) == (name == "pde_fallback"), (name, fallback_warned)
 
-    if world == 2:
-        _check_two_process_only(ranks)
     _check_raising(ranks, world)
+    if world == 2:
+        _check_globalised(ranks)
+    else:
+        _check_example_and_disagreement(ranks)
 
 
-def _check_two_process_only(ranks: list[dict]) -> None:
+def _check_globalised(ranks: list[dict]) -> None:
     world = len(ranks)
-    assert [_ok(r["example_script"]) for r in ranks] == [0] * world
-
+    for rank, r in enumerate(ranks):
+        out = _ok(r["globalised"])["trial_raise"]
+        assert out["unchanged"], rank
+        kind, message = out["raised"]
+        assert "trial failed on rank 1" in message
+        assert kind == ("RuntimeError" if rank == 1 else "DistributedStepError")
     # adaptive damping and backtracking: same trial losses and decisions everywhere
     for name, options in GLOBALISED.items():
         expected = globalised_run(0, [sum(SPLITS[world])], options)
@@ -414,6 +465,9 @@ def _check_two_process_only(ranks: list[dict]) -> None:
             for t in range(STEPS):
                 assert rel_err(as64(out["history"][t]), as64(expected["history"][t])) <= 1e-10
 
+
+def _check_example_and_disagreement(ranks: list[dict]) -> None:
+    assert [_ok(r["example_script"]) for r in ranks] == [0] * len(ranks)
     for rank, r in enumerate(ranks):
         out = _ok(r["disagreeing_ranks"])
         assert len(out["errors"]) == 2, (rank, out)
@@ -457,12 +511,13 @@ def test_bench_traffic_formulas() -> None:
     assert layers == [(8, 64), (64, 64), (64, 1)]
     n_params = sum(d_in * d_out + d_out for d_in, d_out in layers)
     got = factored_bytes(256, layers, n_params)
-    # per row: the residual and x, g of each Linear, float64
+    # per row: the residual and x, g of each Linear, float64; the step in float32
     assert got == {
         "gathered": 8 * 256 * (1 + 72 + 128 + 65),
-        "broadcast": 8 * 256,
-        "reduced": 8 * n_params,
+        "broadcast": 8 * 4 * 256,
+        "reduced": 4 * n_params,
     }
+
     assert project_seconds(1e9, 2, (1e9, 1e-3)) == pytest.approx(1.002)
 
 

@@ -395,13 +395,25 @@ def test_nystrom_equals_exact_gram_solve():
     assert rel_err(low.T @ c, reference_step(low, r_low, rank=5)[0]) < TOL
 
 
-def test_randomized_sven_full_rank_equals_exact():
-    case, ref = small_case(8), small_case(8)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "auto"])
+@pytest.mark.parametrize(("rank", "oversample"), [(8, 0), (5, 3)])
+def test_randomized_sven_full_sketch_equals_exact(backend, rank, oversample):
+    """Generic: randomized SVD of J; a Gram backend (factored): Nystrom on its K."""
+    case, ref = small_case(8), small_case(8)  # N = 8 rows: the sketch holds all of them
     jac, r = dense_jacobian(ref.residuals, ref.params())
-    expected, _, _ = reference_step(jac, r, rank=8)
-    opt = torchsven.Sven(case.model, lr=1.0, rank=8, randomized=True, oversample=0, power_iters=1)
+    expected, _, _ = reference_step(jac, r, rank=rank)
+    opt = torchsven.Sven(
+        case.model,
+        lr=1.0,
+        rank=rank,
+        randomized=True,
+        oversample=oversample,
+        power_iters=1,
+        backend=backend,
+    )
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
-    assert opt.last_step.solver == "randomized"
+    assert opt.last_step.backend == backend and opt.last_step.kept == rank
+    assert opt.last_step.solver == ("randomized" if backend == "generic" else "nystrom")
 
 
 # ---------------------------------------------------------------------- spectrum
@@ -780,3 +792,23 @@ def test_precondition_pre_with_mask_matches_reference():
                 p.sub_(lr * dp)
     state_v = torch.cat([opt.state[p]["square_avg"].reshape(-1) for p in case.params()])
     assert torch.equal(state_v == 0, v == 0) and rel_err(state_v, v) < TOL
+
+
+class _Center(nn.Module):
+    def forward(self, x):
+        return x - x.mean(0)  # couples the samples: the factored K would be wrong
+
+
+def test_randomized_falls_back_to_generic_when_the_gram_backend_cannot():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), _Center(), nn.Tanh(), nn.Linear(6, 1)).double()
+    x = torch.randn(8, 3, dtype=torch.float64)
+    y = torch.randn(8, 1, dtype=torch.float64)
+    case, ref = Case("coupled", model, x, y), Case("coupled", copy.deepcopy(model), x, y)
+    jac, r = dense_jacobian(ref.residuals, ref.params())
+    expected, _, _ = reference_step(jac, r, rank=8)
+    opt = torchsven.Sven(model, lr=1.0, rank=8, randomized=True, oversample=0)
+    with pytest.warns(torchsven.SvenFallbackWarning):
+        got = sven_update(opt, case, 1.0)
+    assert opt.last_step.backend == "generic" and opt.last_step.solver == "randomized"
+    assert rel_err(got, expected) < TOL

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
 from pathlib import Path
 
 import torchsven
@@ -21,13 +22,17 @@ def test_readme_example_runs():
 
 
 def _documented_names() -> set[str]:
-    """Names in the first column of the API tables (`name` cells).
+    """Names in the first column of the README's tables (`name` cells)."""
+    return set(re.findall(r"^\|\s*`([A-Za-z_][A-Za-z0-9_]*)`", README, flags=re.M))
 
-    Sections drafted in docs/readme/ count until they are merged into the README.
-    """
-    texts = [README] + [p.read_text() for p in sorted((ROOT / "docs" / "readme").glob("*.md"))]
-    pattern = r"^\|\s*`([A-Za-z_][A-Za-z0-9_]*)`"
-    return {name for text in texts for name in re.findall(pattern, text, flags=re.M)}
+
+def test_readme_sections_are_in_sync_with_docs():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import sync_readme
+    finally:
+        sys.path.pop(0)
+    assert sync_readme.rendered(README) == README, "run python tools/sync_readme.py"
 
 
 def test_readme_api_table_covers_every_argument_and_field():

@@ -39,7 +39,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -132,7 +132,6 @@ class _Outcome:
     solution: SpectralSolution | None = None
     rows: Tensor | None = None
     row_change: Tensor | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
 
 def _add_note(error: BaseException, note: str) -> None:
@@ -634,7 +633,6 @@ class DataParallel:
         reason = ""
         code, fingerprint, width = _OK, 0.0, 0
         layout: TermLayout | None = None
-        contributions: dict[int, list[tuple[Any, str, str]]] = {}
         try:
             try:
                 contributions, _ = backend._factors(rows, params, captured, out)
@@ -676,9 +674,11 @@ class DataParallel:
             coeffs, s, global_rows, row_change = torch.split(body, [n_total, k, n_total, n_total])
             start = int(sizes[: self.rank].sum())
             local_c = coeffs[start : start + rows.numel()]
-            step = layout.transpose_product(params, local_c)
+            # J_r^T c_r in the parameters' dtype (the factors' precision; DDP's bytes)
+            step = layout.transpose_product(params, local_c).to(params[0].dtype)
             self._timed(lambda: dist.all_reduce(step, group=self.group))
             self.traffic.reduced += step.numel() * step.element_size()
+            step = step.to(torch.float64)
             if not bool(torch.isfinite(step).all()):
                 return _Outcome(_NONFINITE, -1)
             solution = SpectralSolution(s.cpu().clone(), kept, "gram")

@@ -173,7 +173,8 @@ class Sven(torch.optim.Optimizer):
         mask: how the fraction is drawn: "entries", "tensors" or "rows" (output
             rows of Linear / ConvNd layers; needs the model).
         seed: seed of the generator for masks and randomized sketches.
-        randomized: randomized truncated SVD of J with target ``rank`` (needs rank).
+        randomized: randomized solve with target ``rank`` (needs rank): SVD sketch of J
+            (generic backend) or Nystrom sketch of K (factored backend).
         oversample: extra sketch columns of the randomized SVD.
         power_iters: power iterations of the randomized SVD.
         spectrum_every: record the spectrum every n steps in ``opt.spectrum_history``.

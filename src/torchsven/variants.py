@@ -25,6 +25,7 @@ One step, in order:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .backends.base import Direction, check_finite, flat_to_params
+from .backends.base import Direction, FallbackRequired, check_finite, flat_to_params
 from .backends.generic import jacobian
+from .errors import SvenFallbackWarning
 from .info import StepInfo
 from .masks import MASKS, Selection, select
 from .precondition import (
@@ -44,7 +46,7 @@ from .precondition import (
     rms_scale,
     update_square_avg,
 )
-from .randomized import randomized_step
+from .randomized import nystrom_coefficients, randomized_step
 from .solve import SpectralFilter, SpectralSolution, jacobian_step
 from .spectrum import SpectrumRecord, effective_rank
 from .variable_rank import greedy_prefix, randomized_components, spectral_components
@@ -90,11 +92,11 @@ class VariantOptions:
 
     @property
     def needs_jacobian(self) -> bool:
-        """Whether the step needs the materialised J (generic backend)."""
+        """Whether the step needs the materialised J (generic backend). ``randomized``
+        alone does not: on a backend with a Gram matrix it is a Nystrom solve."""
         return (
             self.precondition == "pre"
             or self.variable_rank
-            or self.randomized
             or (self.param_fraction < 1.0 and self.mask == "entries")
         )
 
@@ -264,9 +266,9 @@ def check_variant_options(
         )
     if opts.needs_generic and backend not in ("auto", "generic"):
         raise ValueError(
-            f"backend={backend!r} cannot be combined with precondition='pre', variable_rank, "
-            "randomized or mask='entries'/'rows' with param_fraction < 1: they run on the "
-            "generic backend (backend='generic' or 'auto')"
+            f"backend={backend!r} cannot be combined with precondition='pre', variable_rank "
+            "or mask='entries'/'rows' with param_fraction < 1: they run on the generic "
+            "backend (backend='generic' or 'auto')"
         )
     return opts
 
@@ -293,6 +295,18 @@ def _full_state(opt: Sven, params: Sequence[Tensor], key: str) -> Tensor:
             else value.detach().reshape(-1).to(torch.float64)
         )
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _warn_fallback(opt: Sven, backend: str, reason: str) -> None:
+    """The optimizer's one-time fallback warning (as ``Sven._direction`` gives it)."""
+    if reason not in opt._warned:
+        opt._warned.add(reason)
+        warnings.warn(
+            f"Sven: the {backend} backend cannot compute this step exactly ({reason}); "
+            "using the generic backend",
+            SvenFallbackWarning,
+            stacklevel=4,
+        )
 
 
 def _residual_rows(out: Any) -> Tensor:
@@ -431,9 +445,17 @@ class Variants:
                 None,
             )
             used = generic.name
-        elif o.needs_jacobian:
+        elif o.needs_jacobian or (o.randomized and not hasattr(primary, "gram_matrix")):
             solved = self._materialised(opt, rows, sel, params, filt)
             used = generic.name
+        elif o.randomized:
+            try:
+                solved = self._nystrom(primary, rows, sel.solve_params, filt, captured, out)
+                used = primary.name
+            except FallbackRequired as why:
+                _warn_fallback(opt, primary.name, why.reason)
+                solved = self._materialised(opt, rows, sel, params, filt)
+                used = generic.name
         else:
             direction, used = opt._direction(
                 primary, generic, rows, sel.solve_params, captured, out
@@ -442,6 +464,34 @@ class Variants:
             solved = _Solve(flat, direction.solution, None, direction.row_change, None)
         check_finite(solved.flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         return out, rows, solved, sel, sel.to_full(solved.flat, total), used
+
+    def _nystrom(
+        self,
+        backend: Any,
+        rows: Tensor,
+        params: list[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor,
+    ) -> _Solve:
+        """Randomized solve on a Gram backend: K from the backend, ``c`` by a Nystrom
+        sketch of K, the step ``J^T c`` by one backward (the rows' graph is kept)."""
+        o = self.options
+        gram = backend.gram_matrix(rows, params, captured, output)
+        r64 = rows.detach().reshape(-1).to(torch.float64)
+        coeffs, solution = nystrom_coefficients(
+            gram, r64, filt, o.oversample, o.power_iters, self.generator
+        )
+        grads = torch.autograd.grad(
+            rows, params, grad_outputs=coeffs.to(rows.dtype), retain_graph=True, allow_unused=True
+        )
+        flat = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1).to(torch.float64)
+                for g, p in zip(grads, params, strict=True)
+            ]
+        )
+        return _Solve(flat, solution, None, gram @ coeffs, None)
 
     def evaluate(
         self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor]

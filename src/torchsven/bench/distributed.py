@@ -46,15 +46,22 @@ def mlp_layers(d_in: int, width: int, depth: int, d_out: int) -> list[tuple[int,
     return list(itertools.pairwise(dims))
 
 
-def factored_bytes(n_rows: int, layers: list[tuple[int, int]], n_params: int) -> dict[str, int]:
-    """Bytes per step of the factored data-parallel path (DESIGN.md section 7), float64.
+def factored_bytes(
+    n_rows: int, layers: list[tuple[int, int]], n_params: int, itemsize: int = 4
+) -> dict[str, int]:
+    """Bytes per step of the factored data-parallel path (DESIGN.md section 7).
 
-    Gathered: the residual and, per Linear, the input x (d_in) and output
-    gradient g (d_out) of every row; broadcast: c (N,); all-reduced: the
-    P-vector ``sum_r J_r^T c_r``.
+    Gathered (float64): the residual and, per Linear, the input x (d_in) and
+    output gradient g (d_out) of every row; broadcast (float64): c, the rows
+    and K c (N each); all-reduced: the P-vector ``sum_r J_r^T c_r`` in the
+    parameters' dtype (``itemsize`` bytes), as DDP's gradient.
     """
     per_row = 1 + sum(d_in + d_out for d_in, d_out in layers)
-    return {"gathered": 8 * n_rows * per_row, "broadcast": 8 * n_rows, "reduced": 8 * n_params}
+    return {
+        "gathered": 8 * n_rows * per_row,
+        "broadcast": 8 * 4 * n_rows,
+        "reduced": itemsize * n_params,
+    }
 
 
 def project_seconds(n_bytes: float, collectives: int, link: tuple[float, float]) -> float:

@@ -21,7 +21,7 @@ class Diabetes(Task):
     order = 30
     metric = "mse"
     batch_size = 32
-    epochs: ClassVar[dict[str, int]] = {"full": 30, "quick": 10, "tiny": 1}
+    epochs: ClassVar[dict[str, int]] = {"full": 30, "quick": 8, "tiny": 1}
     n_val = 100
 
     def make_data(self, seed: int) -> TaskData:

@@ -21,10 +21,10 @@ class Friedman1(Task):
     order = 20
     metric = "mse"
     batch_size = 32
-    epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 6, "tiny": 1}
+    epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 4, "tiny": 1}
     sizes: ClassVar[dict[str, tuple[int, int]]] = {
         "full": (4_000, 2_000),
-        "quick": (1_000, 1_000),
+        "quick": (800, 800),
         "tiny": (96, 64),
     }
 

@@ -26,11 +26,11 @@ class Regression1D(Task):
     order = 10
     metric = "mse"
     batch_size = 32
-    epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 6, "tiny": 1}
+    epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 4, "tiny": 1}
     #: (train, validation) samples per size.
     sizes: ClassVar[dict[str, tuple[int, int]]] = {
         "full": (10_000, 10_000),
-        "quick": (2_000, 2_000),
+        "quick": (2_000, 1_000),
         "tiny": (96, 64),
     }
 
