@@ -386,3 +386,18 @@ def test_microbatch_refuses_globalised_steps():
     case = mlp(n=6, width=4)
     with pytest.raises(ValueError, match="microbatch_size cannot be combined"):
         torchsven.Sven(case.model, microbatch_size=2, damping="adaptive")
+
+
+def test_speed_benchmark_writes_json_and_table(tmp_path):
+    import json
+
+    from torchsven.bench import speed
+
+    argv = ["--cases", "mlp-w64-n128", "--steps", "1", "--no-memory", "--out", str(tmp_path)]
+    assert speed.main(argv) == 0
+    report = json.loads((tmp_path / "speed.json").read_text())
+    (result,) = report["results"]
+    assert set(result["time_ms"]) == set(speed.METHODS)
+    assert {"factored/sgd", "generic/factored", "svd/factored"} <= set(result["ratios"])
+    assert "mlp-w64-n128" in (tmp_path / "speed.md").read_text()
+    assert speed.main(["--cases", "no-such-case"]) == 2

@@ -191,13 +191,18 @@ class LinearLikeTerm(Term):
             self._materialised = torch.einsum("rtqo,rtqk->rqok", self.g, self.a)
         return self._materialised
 
-    def _ghost_gram(self) -> Tensor:
+    def _ghost_gram(self, with_bias: bool = False) -> Tensor:
+        """Weight part of K; with ``with_bias`` (one position, one group) also the bias part."""
         a, g = self.a.to(_F64), self.g.to(_F64)
         rows, positions, groups, _ = a.shape
         if positions == 1:
             a2, g2 = a[:, 0], g[:, 0]  # (R, q, d)
             if groups == 1:
-                return (a2[:, 0] @ a2[:, 0].mT) * (g2[:, 0] @ g2[:, 0].mT)
+                # K = (A A^T + 1) * (G G^T): the bias shares G G^T with the weight
+                aa = a2[:, 0] @ a2[:, 0].mT
+                if with_bias:
+                    aa += 1.0
+                return aa.mul_(g2[:, 0] @ g2[:, 0].mT)
             return (
                 torch.einsum("iqk,jqk->ijq", a2, a2)
                 .mul_(torch.einsum("iqo,jqo->ijq", g2, g2))
@@ -214,6 +219,15 @@ class LinearLikeTerm(Term):
 
     def gram(self, names: Sequence[str]) -> Tensor:
         out = self.a.new_zeros(self.a.shape[0], self.a.shape[0], dtype=_F64)
+        fused = (
+            self.ghost
+            and self.weight_name in names
+            and self.bias_name in names
+            and self.a.shape[1] == 1
+            and self.a.shape[2] == 1
+        )
+        if fused:
+            return self._ghost_gram(with_bias=True)
         if self.weight_name in names:
             out = out + (self._ghost_gram() if self.ghost else _gram(self._weight_rows()))
         if self.bias_name in names:

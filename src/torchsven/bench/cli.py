@@ -130,6 +130,7 @@ def report(argv: Sequence[str]) -> int:
         raise SystemExit(f"torchsven bench report: {e}") from None
     out = args.out or os.path.dirname(os.path.abspath(args.results[0]))
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         save_json(doc, args.json)
     _outputs(doc, out, not args.no_plots, _console())
     return 0
