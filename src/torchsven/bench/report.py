@@ -41,6 +41,7 @@ SCHEMA = "torchsven-bench/1"
 COLUMNS = [
     "method",
     "setting (won)",
+    "backend",
     "train",
     "val",
     "best val",
@@ -212,6 +213,7 @@ def cells(method: str, row: dict[str, Any]) -> list[str]:
     return [
         method,
         _setting(row["setting"]),
+        str(row["notes"].get("backend", "")),
         _num(row["train"]),
         _num(row["val"]),
         _num(row["best_val"]),
@@ -243,7 +245,7 @@ def render_tables(doc: dict[str, Any], console: Any = None) -> None:
     for name, task in doc["tasks"].items():
         table = Table(title=_title(name, task, summary[name]), title_justify="left")
         for i, col in enumerate(COLUMNS):
-            table.add_column(col, justify="left" if i < 2 else "right", no_wrap=i < 1)
+            table.add_column(col, justify="left" if i < 3 else "right", no_wrap=i < 1)
         for method, row in summary[name]["rows"].items():
             style = "bold" if method.startswith("sven") else None
             table.add_row(*cells(method, row), style=style)
@@ -380,7 +382,8 @@ def write_markdown(doc: dict[str, Any], out_dir: str, plots: Sequence[str] = ())
         "optimizer-step time only (evaluation excluded); `to target s`: wall time until the "
         "validation metric first reached twice the best final value of any method; `x SGD`: "
         "time per step relative to SGD on the same task (L-BFGS steps are full-batch "
-        f"iterations); `peak MiB`: {env.get('memory_measure', 'peak memory')}. Diverged runs "
+        "iterations); `backend`: the Sven backend that ran the last step of the first "
+        f"seed's run; `peak MiB`: {env.get('memory_measure', 'peak memory')}. Diverged runs "
         "(NaN/Inf, a step that raised, or an objective above "
         f"{config['blowup']:g} x its first value) are listed, never dropped.",
         "",
