@@ -28,7 +28,9 @@ def main() -> None:
     problem = poisson_5d()
     model = problem.make_model(seed=args.seed, dtype=torch.float64)
     interior, boundary = BoxSampler(5, 1000, 500, seed=args.seed, dtype=torch.float64).sample(0)
-    opt = torchsven.Sven(model, damping="adaptive")
+    # backend="generic": PINN rows go there anyway (auto would try the factored backend,
+    # warn once and fall back).
+    opt = torchsven.Sven(model, damping="adaptive", backend="generic")
     closure = functools.partial(problem.rows, model, interior, boundary)
 
     start = time.perf_counter()
