@@ -18,11 +18,10 @@ points together with its Jacobian with respect to the model's parameters
 (``vmap`` over points of ``jacrev``), and returns rows whose backward is a
 product with that Jacobian. Sven's generic backend then gets its (N, P)
 Jacobian from N cheap products instead of N backward passes through the
-second-order graph. Measured on this project's 2-core CPU (MLP 2-32-1 tanh,
-920 rows, float64; ``benchmarks/pinn_derivatives.py``): Laplacian rows by
-nested autograd and Jacobian by the generic backend's batched backward ~2.2 s
-per step (~1 s with the per-row loop), the same rows by
-:func:`pointwise_rows` ~25 ms.
+second-order graph. Measured on this project's 2-core CPU, one thread (MLP
+2-32-1 tanh, 920 rows, float64; ``benchmarks/pinn_derivatives.py``): rows by
+nested autograd, Jacobian by the generic backend 3.2 s (batched) / 0.93 s
+(per-row loop); the same rows and Jacobian by :func:`pointwise_rows` 73 ms.
 """
 
 from __future__ import annotations
