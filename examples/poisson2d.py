@@ -31,7 +31,9 @@ def main() -> None:
     sampler = BoxSampler(2, 800, 120, seed=args.seed, dtype=torch.float64)
     interior, boundary = sampler.sample(0)
     # Levenberg-Marquardt-style adaptive damping; no rank cut (rtol defaults to 0 with it).
-    opt = torchsven.Sven(model, damping="adaptive")
+    # backend="generic": PINN rows go there anyway (auto would try the factored backend,
+    # warn once and fall back).
+    opt = torchsven.Sven(model, damping="adaptive", backend="generic")
 
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

@@ -199,14 +199,16 @@ def _sin_sum(x: Tensor) -> Tensor:
 
 def poisson_2d(width: int = 32) -> PoissonProblem:
     r"""``-Lap u = 2 pi^2 sin(pi x) sin(pi y)`` on ``[0,1]^2``, ``u = 0`` on the boundary;
-    exact ``u = sin(pi x) sin(pi y)``; MLP 2-32-1 tanh; 101 x 101 evaluation grid."""
+    exact ``u = sin(pi x) sin(pi y)``; MLP 2-32-1 tanh; 101 x 101 evaluation grid.
+    Boundary weight 10: with weight 1 the error is dominated by the boundary
+    (seed 0, 200 Sven steps: 1.8e-5 with weight 1, 4.4e-6 with weight 10)."""
     return PoissonProblem(
         name="poisson-2d",
         dim=2,
         exact=_sin_product,
         source=lambda x: 2 * math.pi**2 * _sin_product(x),
         width=_check_count("width", width),
-        weights={"pde": 1.0, "bc": 1.0},
+        weights={"pde": 1.0, "bc": 10.0},
         grid_per_dim=101,
     )
 

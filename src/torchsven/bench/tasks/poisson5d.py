@@ -20,7 +20,7 @@ class Poisson5D(PoissonTask):
     summary = "PINN -Lap u = pi^2 sum sin(pi x_i) on [0,1]^5, MLP 5-64-1 tanh, float64"
     order = 61
     problem = poisson_5d()
-    epochs: ClassVar[dict[str, int]] = {"full": 100, "quick": 20, "tiny": 2}
+    epochs: ClassVar[dict[str, int]] = {"full": 150, "quick": 20, "tiny": 2}
     points: ClassVar[dict[str, tuple[int, int]]] = {
         "full": (1000, 500),
         "quick": (1000, 500),
