@@ -278,6 +278,7 @@ def run(argv: Sequence[str]) -> int:
     )
     path = os.path.join(args.out, "results.json")
     save_json(doc, path)
+    os.remove(partial)  # everything it held is in results.json now
     _outputs(doc, args.out, not args.no_plots, console)
     console.print(f"wrote {path}; suite took {elapsed:.0f} s")
     return 0
