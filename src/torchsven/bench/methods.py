@@ -283,7 +283,7 @@ METHODS: dict[str, Method] = {
     for m in [
         Method(
             "sven",
-            "torchsven.Sven, backend='auto' (factored Gram when available), grid over lr / rtol",
+            "torchsven.Sven, backend='auto' (factored Gram when available), grid over lr",
             _sven(),
             _SVEN_GRID,
         ),
