@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,15 +266,9 @@ class FactoredBackend(Backend):
         captured: Any = None,
         output: Tensor | None = None,
     ) -> Direction:
-        if not isinstance(captured, Recorder):
-            raise FallbackRequired("the closure ran without the factored backend's hooks")
-        try:
-            rows = rows.reshape(-1)
-            params = list(params)
-            contributions, layout = self._factors(rows, params, captured, output)
-            return self._solve(rows, params, filt, contributions, layout)
-        finally:
-            captured.release()
+        return self._with_factors(
+            rows, params, captured, output, lambda *f: self._solve(f[0], f[1], filt, *f[2:])
+        )
 
     def gram_matrix(
         self,
@@ -284,13 +278,27 @@ class FactoredBackend(Backend):
         output: Tensor | None = None,
     ) -> Tensor:
         """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
+        return self._with_factors(rows, params, captured, output, lambda *f: self._gram(*f)[0])
+
+    def _with_factors(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        captured: Any,
+        output: Tensor | None,
+        use: Callable[..., Any],
+    ) -> Any:
+        """``use(rows, params, contributions, layout)`` on this step's checked factors.
+
+        Releases the recorder's stored tensors whatever happens.
+        """
         if not isinstance(captured, Recorder):
             raise FallbackRequired("the closure ran without the factored backend's hooks")
         try:
             rows = rows.reshape(-1)
             params = list(params)
             contributions, layout = self._factors(rows, params, captured, output)
-            return self._gram(rows, params, contributions, layout)[0]
+            return use(rows, params, contributions, layout)
         finally:
             captured.release()
 
