@@ -12,15 +12,6 @@ from torchsven.bench.tasks import SIZES, TASKS, Task, get_task, load_all, regist
 TASK_NAMES = list(load_all())
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The benchmark runs on one thread (tiny models); so do its tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_registry_has_the_required_tasks() -> None:
     for name in ("regression-1d", "friedman1", "diabetes", "digits-label", "digits-ce"):
         assert name in TASKS

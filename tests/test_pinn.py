@@ -412,18 +412,8 @@ def test_exact_solutions_solve_the_problems(make) -> None:
     assert grid_points(problem.dim, 3).shape == (3**problem.dim, problem.dim)
 
 
-@pytest.fixture
-def one_thread():
-    """Small dense problems: one thread (on a shared, oversubscribed machine two
-    OpenMP threads made each SVD 10-100x slower); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
-def test_poisson_2d_smoke_reaches_1e_3_in_50_steps(one_thread) -> None:
+def test_poisson_2d_smoke_reaches_1e_3_in_50_steps() -> None:
     problem = poisson_2d()
     model = problem.make_model(seed=0)
     interior, boundary = BoxSampler(2, 800, 120, seed=0).sample(0)

@@ -12,16 +12,6 @@ from scipy.optimize import least_squares
 import torchsven
 from torchsven.problems import PROBLEMS, get_problem
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matrices: a second thread only adds contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # Known exact solutions from Moré, Garbow and Hillstrom (1981): all rows vanish.
 ZEROS = {
     "rosenbrock": [1.0, 1.0],

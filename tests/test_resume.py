@@ -43,15 +43,6 @@ GENERIC_ONLY = {"adaptive-masked-randomized", "backtracking-pre"}
 EXACT_BACKENDS = [b for b in BACKENDS if b != "auto"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matrices: a second thread only adds contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batches(case, steps):
     """A fixed sequence of mini-batches (rows 0..N-1 subsets), one per step."""
     g = torch.Generator().manual_seed(11)

@@ -16,15 +16,6 @@ from .cases import linear_rank_deficient, mlp
 from .reference import dense_jacobian, flat, reference_step, rel_err
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matrices: a second thread only adds contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rosenbrock_rows(x):
     return torch.stack([10 * (x[1] - x[0] ** 2), 1 - x[0]])
 
