@@ -36,6 +36,13 @@ from torch.utils._pytree import tree_flatten
 
 from ..solve import SpectralFilter, gram_coefficients
 from .base import Backend, Direction, FallbackRequired, check_finite
+from .broadcast import (
+    BroadcastLeaf,
+    is_broadcast_call,
+    per_sample_call,
+    sample_like,
+    watch_consumers,
+)
 from .layers import (
     EmbeddingTerm,
     GenericTerm,
@@ -337,14 +344,8 @@ class FactoredBackend(Backend):
                     raise FallbackRequired(
                         f"an input of module '{call.name}' was modified in place after the call"
                     )
-            if call.kind != "generic":
-                x = call.args[0] if call.args else None
-                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != layout.samples:
-                    shape = tuple(x.shape) if isinstance(x, Tensor) else None
-                    raise FallbackRequired(
-                        f"module '{call.name}' was called on input of shape {shape}, not "
-                        f"batch-first with {layout.samples} samples"
-                    )
+            if call.kind != "generic" and not (call.args and isinstance(call.args[0], Tensor)):
+                raise FallbackRequired(f"module '{call.name}' was called without a tensor input")
 
     def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
         calls = []
@@ -354,6 +355,26 @@ class FactoredBackend(Backend):
             calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
+
+    def _watch_broadcast(
+        self, rows: Tensor, recorder: Recorder, layout: RowLayout
+    ) -> list[BroadcastLeaf]:
+        """Hook the consumers of outputs of calls broadcast over the batch (broadcast.py)."""
+        leaves = [
+            (call, index, y, call.name)
+            for call in recorder.calls
+            if is_broadcast_call(call.kind, call.args, call.kwargs, layout.samples)
+            for index, y in enumerate(call.out_leaves)
+        ]
+        if not leaves:
+            return []
+
+        def recording() -> int | None:
+            return recorder.pass_index if recorder.armed else None
+
+        records, handles = watch_consumers(rows, leaves, layout.samples, layout.outputs, recording)
+        recorder._tensor_handles.extend(handles)
+        return records
 
     def _backward(self, rows: Tensor, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(
@@ -521,7 +542,9 @@ class FactoredBackend(Backend):
             raise FallbackRequired(known)
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         try:
+            broadcast = self._watch_broadcast(rows, recorder, layout)
             ones_grads = self._capture_backward(rows, params, recorder, layout)
+            _to_samples(broadcast, layout.samples)
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
@@ -591,6 +614,26 @@ class FactoredBackend(Backend):
             else:
                 step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _to_samples(records: list[BroadcastLeaf], samples: int) -> None:
+    """Rewrite broadcast calls as batched calls: expanded input, per-sample output gradients.
+
+    Layer rules get ``x`` expanded to the S samples and gradients (S, *per-sample
+    shape); torch.func calls keep their arguments and get gradients (S, *y.shape).
+    """
+    for record in records:
+        call = record.call
+        y = call.out_leaves[record.index]
+        if call.kind == "generic":
+            call.grads[record.index] = [
+                None if g is None else g.reshape(samples, *y.shape) for g in record.grads
+            ]
+            call.out_leaves[record.index] = y.unsqueeze(0).expand(samples, *y.shape)
+        else:
+            call.args = per_sample_call(call.kind, call.args, record, samples)
+            call.grads[record.index] = list(record.grads)
+            call.out_leaves[record.index] = sample_like(record, y, samples)
 
 
 def _is_rms(module: nn.Module) -> bool:
