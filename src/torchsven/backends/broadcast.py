@@ -87,14 +87,20 @@ def _local_gradient(node: Any, slot: int, grad: Tensor) -> Tensor:
     raise AssertionError(name)  # filtered by watch_consumers
 
 
+def _check_shapes(out: tuple[int, ...], leaf: BroadcastLeaf, samples: int, what: str) -> None:
+    """The consumer's output (S, ...) broadcasts y over dim 0, else FallbackRequired."""
+    pad = len(out) - len(leaf.shape)
+    if pad < 0 or not out or out[0] != samples or (pad == 0 and leaf.shape[0] != 1):
+        raise FallbackRequired(
+            f"{what} meets other tensors in an op with output shape {out}: neither batch-first "
+            f"with the {samples} samples (dim 0 of the closure's output) nor broadcast over them"
+        )
+
+
 def _reduce_to_samples(local: Tensor, leaf: BroadcastLeaf, samples: int, what: str) -> Tensor:
     """Consumer-shaped (S, ...) local gradient -> per-sample gradients of y (S, *D)."""
+    _check_shapes(tuple(local.shape), leaf, samples, what)
     pad = local.dim() - len(leaf.shape)
-    if pad < 0 or local.shape[0] != samples or (pad == 0 and leaf.shape[0] != 1):
-        raise FallbackRequired(
-            f"{what} (shape {leaf.shape}) meets the batch through a tensor of shape "
-            f"{tuple(local.shape)}, not one with the {samples} samples in dim 0"
-        )
     if pad == 0:
         return local.sum_to_size((samples, *leaf.shape[1:]))
     target = (samples,) + (1,) * (pad - 1) + leaf.shape
@@ -149,13 +155,17 @@ def watch_consumers(
                 stack.append(nxt)
     names = {id(rec): name for rec, (_c, _i, _y, name) in zip(records, leaves, strict=True)}
     for node, _slot, record in found:
+        what = f"the output of module '{names[id(record)]}' (shape {record.shape})"
         if node.name() not in CONSUMERS:
             raise FallbackRequired(
-                f"the output of module '{names[id(record)]}' (shape {record.shape}) is "
-                f"broadcast over the batch and used by {node.name()}; only +, - and * with a "
-                "batched tensor have per-sample gradients (pass batch-first inputs, e.g. "
-                "position_ids of shape (batch, T))"
+                f"{what} is not batch-first with the {samples} samples (dim 0 of the "
+                f"closure's output) and is used by {node.name()}; a call broadcast over the "
+                "batch needs +, - or * with a batched tensor (or pass batch-first inputs, "
+                "e.g. position_ids of shape (batch, T))"
             )
+        metadata = getattr(node, "_input_metadata", None)
+        if metadata:
+            _check_shapes(tuple(metadata[0].shape), record, samples, what)
     handles = []
     for node, slot, record in found:
         handles.append(
@@ -175,7 +185,7 @@ def _prehook(
     name: str,
     recording: Callable[[], int | None],
 ) -> Callable[[tuple[Tensor, ...]], None]:
-    what = f"the output of module '{name}'"
+    what = f"the output of module '{name}' (shape {record.shape})"
 
     def hook(grad_outputs: tuple[Tensor, ...]) -> None:
         index = recording()

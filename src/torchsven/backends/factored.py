@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
 from ..solve import SpectralFilter, gram_coefficients
@@ -360,19 +361,32 @@ class FactoredBackend(Backend):
         self, rows: Tensor, recorder: Recorder, layout: RowLayout
     ) -> list[BroadcastLeaf]:
         """Hook the consumers of outputs of calls broadcast over the batch (broadcast.py)."""
-        leaves = [
-            (call, index, y, call.name)
-            for call in recorder.calls
-            if is_broadcast_call(call.kind, call.args, call.kwargs, layout.samples)
-            for index, y in enumerate(call.out_leaves)
+        calls = [
+            c for c in recorder.calls if is_broadcast_call(c.kind, c.args, c.kwargs, layout.samples)
         ]
+        for call in calls:
+            leaves, _ = tree_flatten((call.args, call.kwargs))
+            if any(isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in leaves):
+                raise FallbackRequired(
+                    f"module '{call.name}' was called inside a torch.func transform"
+                )
+        leaves = [(c, index, y, c.name) for c in calls for index, y in enumerate(c.out_leaves)]
         if not leaves:
             return []
 
         def recording() -> int | None:
             return recorder.pass_index if recorder.armed else None
 
-        records, handles = watch_consumers(rows, leaves, layout.samples, layout.outputs, recording)
+        try:
+            records, handles = watch_consumers(
+                rows, leaves, layout.samples, layout.outputs, recording
+            )
+        except FallbackRequired:
+            raise
+        except Exception as exc:  # an autograd graph the walk cannot read
+            raise FallbackRequired(
+                f"cannot follow a call broadcast over the batch ({exc})"
+            ) from exc
         recorder._tensor_handles.extend(handles)
         return records
 

@@ -261,6 +261,12 @@ class LinearLikeTerm(Term):
         return out
 
     def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        if name == self.bias_name:
+            # bound over positions before their sum: a bias whose gradient cancels over
+            # positions (a key bias under softmax) is rounding noise of this scale
+            value = self.weighted([name], w)[name].to(_F64).reshape(-1)
+            norms = self.g.to(_F64).norm(dim=-1).sum(dim=(1, 2))
+            return Sketch(value, float((w.abs() * norms).sum()))
         if name != self.weight_name or probe is None:
             return super().sketch(name, w, probe)
         rows, _, groups, dk = self.a.shape
