@@ -32,10 +32,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
-from ..solve import SpectralFilter, gram_coefficients
+from ..matfree import ParamBlock, range_finder, ritz_step
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
 from .base import Backend, Direction, FallbackRequired, check_finite
+from .broadcast import (
+    BroadcastLeaf,
+    is_broadcast_call,
+    per_sample_call,
+    sample_like,
+    watch_consumers,
+)
 from .layers import (
     EmbeddingTerm,
     GenericTerm,
@@ -44,6 +53,9 @@ from .layers import (
     RowLayout,
     Term,
     TermError,
+    block_j,
+    block_jt,
+    block_sketch,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -280,6 +292,47 @@ class FactoredBackend(Backend):
         """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
         return self._with_factors(rows, params, captured, output, lambda *f: self._gram(*f)[0])
 
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step touching ``K = J J^T`` only through block products from the factors.
+
+        Randomized range finder on K with ``columns`` (rank + oversampling)
+        columns and ``power_iters`` power iterations, then the filtered
+        Rayleigh-Ritz step (:mod:`torchsven.matfree`); same hooks, guard and
+        probe as :meth:`direction`. ``solver`` is "matfree"; the Ritz values are
+        the singular values reported, ``extras`` holds ``sketch_residual``
+        (estimated ``||(I - Q Q^T) J||_F / ||J||_F``), ``sketch_columns`` and
+        ``block_products``.
+        """
+
+        def use(rows: Tensor, params: list[Tensor], contributions: Any, layout: RowLayout):
+            op = FactoredJacobian(params, contributions, layout)
+            width = max(1, min(columns, layout.rows))
+            sketch = range_finder(op, width, power_iters, generator, probes)
+            ritz = ritz_step(sketch, rows.detach(), filt)
+            step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
+            row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
+            extras = {
+                "sketch_residual": sketch.residual,
+                "sketch_columns": width,
+                "block_products": sketch.products,
+            }
+            solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
+            return Direction(step, solution, row_change, extras)
+
+        return self._with_factors(rows, params, captured, output, use)
+
     def _with_factors(
         self,
         rows: Tensor,
@@ -337,14 +390,8 @@ class FactoredBackend(Backend):
                     raise FallbackRequired(
                         f"an input of module '{call.name}' was modified in place after the call"
                     )
-            if call.kind != "generic":
-                x = call.args[0] if call.args else None
-                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != layout.samples:
-                    shape = tuple(x.shape) if isinstance(x, Tensor) else None
-                    raise FallbackRequired(
-                        f"module '{call.name}' was called on input of shape {shape}, not "
-                        f"batch-first with {layout.samples} samples"
-                    )
+            if call.kind != "generic" and not (call.args and isinstance(call.args[0], Tensor)):
+                raise FallbackRequired(f"module '{call.name}' was called without a tensor input")
 
     def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
         calls = []
@@ -354,6 +401,39 @@ class FactoredBackend(Backend):
             calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
+
+    def _watch_broadcast(
+        self, rows: Tensor, recorder: Recorder, layout: RowLayout
+    ) -> list[BroadcastLeaf]:
+        """Hook the consumers of outputs of calls broadcast over the batch (broadcast.py)."""
+        calls = [
+            c for c in recorder.calls if is_broadcast_call(c.kind, c.args, c.kwargs, layout.samples)
+        ]
+        for call in calls:
+            leaves, _ = tree_flatten((call.args, call.kwargs))
+            if any(isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in leaves):
+                raise FallbackRequired(
+                    f"module '{call.name}' was called inside a torch.func transform"
+                )
+        leaves = [(c, index, y, c.name) for c in calls for index, y in enumerate(c.out_leaves)]
+        if not leaves:
+            return []
+
+        def recording() -> int | None:
+            return recorder.pass_index if recorder.armed else None
+
+        try:
+            records, handles = watch_consumers(
+                rows, leaves, layout.samples, layout.outputs, recording
+            )
+        except FallbackRequired:
+            raise
+        except Exception as exc:  # an autograd graph the walk cannot read
+            raise FallbackRequired(
+                f"cannot follow a call broadcast over the batch ({exc})"
+            ) from exc
+        recorder._tensor_handles.extend(handles)
+        return records
 
     def _backward(self, rows: Tensor, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(
@@ -521,7 +601,9 @@ class FactoredBackend(Backend):
             raise FallbackRequired(known)
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         try:
+            broadcast = self._watch_broadcast(rows, recorder, layout)
             ones_grads = self._capture_backward(rows, params, recorder, layout)
+            _to_samples(broadcast, layout.samples)
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
@@ -593,6 +675,26 @@ class FactoredBackend(Backend):
         return Direction(step, solution, row_change=gram @ coeffs)
 
 
+def _to_samples(records: list[BroadcastLeaf], samples: int) -> None:
+    """Rewrite broadcast calls as batched calls: expanded input, per-sample output gradients.
+
+    Layer rules get ``x`` expanded to the S samples and gradients (S, *per-sample
+    shape); torch.func calls keep their arguments and get gradients (S, *y.shape).
+    """
+    for record in records:
+        call = record.call
+        y = call.out_leaves[record.index]
+        if call.kind == "generic":
+            call.grads[record.index] = [
+                None if g is None else g.reshape(samples, *y.shape) for g in record.grads
+            ]
+            call.out_leaves[record.index] = y.unsqueeze(0).expand(samples, *y.shape)
+        else:
+            call.args = per_sample_call(call.kind, call.args, record, samples)
+            call.grads[record.index] = list(record.grads)
+            call.out_leaves[record.index] = sample_like(record, y, samples)
+
+
 def _is_rms(module: nn.Module) -> bool:
     rms = getattr(nn, "RMSNorm", None)
     return rms is not None and isinstance(module, rms)
@@ -609,4 +711,71 @@ class _SumTerm(Term):
         for term in self.terms:
             for n, t in term.per_row(names).items():
                 out[n] = t if n not in out else out[n] + t
+        return out
+
+
+class FactoredJacobian:
+    """Block products with J from a step's checked per-layer factors (:mod:`torchsven.matfree`).
+
+    Parameters reached by one term use its factor products
+    (:func:`torchsven.backends.layers.block_jt` / ``block_j`` / ``block_sketch``);
+    a parameter shared by several terms uses its summed per-row gradients (R, p).
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> None:
+        self.rows = layout.rows
+        self.params = params
+        self._by_term: dict[int, tuple[Term, list[str], list[int]]] = {}
+        self._shared: list[tuple[int, Tensor]] = []
+        for i, p in enumerate(params):
+            contribs = contributions.get(id(p), [])
+            if len(contribs) == 1:
+                term, name, _ = contribs[0]
+                entry = self._by_term.setdefault(id(term), (term, [], []))
+                entry[1].append(name)
+                entry[2].append(i)
+            elif contribs:
+                per_row = sum(t.per_row([n])[n] for t, n, _ in contribs)
+                self._shared.append((i, per_row.reshape(layout.rows, -1)))
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        device = self.params[0].device
+        out = torch.zeros(self.rows, columns, dtype=_F64, device=device)
+        for term, names, _ in self._by_term.values():
+            part = block_sketch(term, names, columns, generator)
+            if part is not None:
+                out += part
+        for _, per_row in self._shared:
+            omega = torch.randn(per_row.shape[1], columns, generator=generator, dtype=_F64)
+            out += (per_row @ omega.to(per_row.device, per_row.dtype)).to(_F64)
+        return out
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        b = v.shape[1]
+        out: list[Tensor | None] = [None] * len(self.params)
+        for term, names, indices in self._by_term.values():
+            parts = block_jt(term, names, v)
+            for name, i in zip(names, indices, strict=True):
+                out[i] = parts[name]
+        for i, per_row in self._shared:
+            out[i] = (v.to(per_row.dtype).mT @ per_row).reshape(b, *self.params[i].shape)
+        return [
+            torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) if t is None else t
+            for t, p in zip(out, self.params, strict=True)
+        ]
+
+    def j(self, z: ParamBlock) -> Tensor:
+        b = z[0].shape[0]
+        out = torch.zeros(self.rows, b, dtype=_F64, device=z[0].device)
+        for term, names, indices in self._by_term.values():
+            part = block_j(term, names, {n: z[i] for n, i in zip(names, indices, strict=True)})
+            if part is not None:
+                out += part
+        for i, per_row in self._shared:
+            out += (per_row @ z[i].reshape(b, -1).to(per_row.dtype).mT).to(_F64)
         return out
