@@ -34,9 +34,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..solve import SpectralFilter, gram_coefficients
-from .base import Backend, Direction, FallbackRequired, check_finite
+from ..solve import SpectralFilter, gram_coefficients, jacobian_step
+from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
 from .layers import (
+    ChannelBiasLinearTerm,
     EmbeddingTerm,
     GenericTerm,
     LinearLikeTerm,
@@ -44,6 +45,7 @@ from .layers import (
     RowLayout,
     Term,
     TermError,
+    channel_bias_mask,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -95,6 +97,9 @@ class Call:
     versions: list[tuple[Tensor, int]]
     out_leaves: list[Tensor] = field(default_factory=list)
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+    #: Linear on channels (S, C, d_in) with its bias only where the mask (C,) holds
+    #: (:func:`torchsven.backends.layers.bias_on_channels`); None: bias everywhere.
+    bias_mask: tuple[bool, ...] | None = None
 
 
 class Recorder:
@@ -181,6 +186,8 @@ class Recorder:
             leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
             call = Call(module, self._names[key], kind, args, kwargs, covers, versions)
+            if kind == "linear":
+                call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -351,7 +358,7 @@ class FactoredBackend(Backend):
         for c in recorder.calls:
             leaves, _ = tree_flatten((c.args, c.kwargs))
             shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor))
-            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
+            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers)), c.bias_mask))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
 
@@ -427,6 +434,11 @@ class FactoredBackend(Backend):
             ]
             a = torch.cat([p[0] for p in parts], dim=1)
             g = torch.cat([p[1] for p in parts], dim=1)
+            if bias is not None and any(c.bias_mask is not None for c in calls):
+                mask = torch.cat(
+                    [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
+                ).to(a.device)
+                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -568,6 +580,25 @@ class FactoredBackend(Backend):
         check_finite(gram, "the Gram matrix of the residual rows")
         return gram, shared_rows
 
+    def _jacobian(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Tensor:
+        """J (R, P) float64 assembled from the terms' per-row gradients."""
+        columns = []
+        for p in params:
+            contribs = contributions.get(id(p), [])
+            if not contribs:
+                columns.append(torch.zeros(layout.rows, p.numel(), dtype=_F64, device=p.device))
+                continue
+            per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
+            columns.append(per_row.reshape(layout.rows, -1))
+        jac = torch.cat(columns, dim=1)
+        check_finite(jac, "the Jacobian of the residual rows")
+        return jac
+
     def _solve(
         self,
         rows: Tensor,
@@ -576,6 +607,13 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
+        if sum(p.numel() for p in params) < layout.rows:
+            # Fewer parameters than rows (small PINNs on many points): J itself is
+            # smaller than K; materialise it from the factors and solve as the
+            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            jac = self._jacobian(params, contributions, layout)
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
         gram, shared_rows = self._gram(rows, params, contributions, layout)
         rows64 = rows.detach().to(_F64)
         coeffs, solution = gram_coefficients(gram, rows64, filt)
@@ -591,6 +629,24 @@ class FactoredBackend(Backend):
             else:
                 step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _bias_positions(call: Call, positions: int) -> Tensor:
+    """(positions,) 1/0: where a Linear call's bias enters, over its row-batched positions.
+
+    A call marked with a channel mask (C,) on input (S, C, d_in) repeats the mask
+    for each of the row's samples; an unmarked call has its bias everywhere.
+    """
+    if call.bias_mask is None:
+        return torch.ones(positions, dtype=torch.float64)
+    x = call.args[0]
+    channels = len(call.bias_mask)
+    if x.dim() != 3 or x.shape[1] != channels or positions % channels:
+        raise TermError(
+            f"marked with a bias mask over {channels} channels but called on input of "
+            f"shape {tuple(x.shape)} (expected (samples, {channels}, features))"
+        )
+    return torch.tensor(call.bias_mask, dtype=torch.float64).repeat(positions // channels)
 
 
 def _is_rms(module: nn.Module) -> bool:
