@@ -413,7 +413,7 @@ def test_randomized_sven_full_sketch_equals_exact(backend, rank, oversample):
     )
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
     assert opt.last_step.backend == backend and opt.last_step.kept == rank
-    assert opt.last_step.solver == ("randomized" if backend == "generic" else "nystrom")
+    assert opt.last_step.solver == ("randomized" if backend == "generic" else "matfree")
 
 
 # ---------------------------------------------------------------------- spectrum

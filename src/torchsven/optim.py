@@ -482,6 +482,7 @@ class Sven(torch.optim.Optimizer):
     ) -> StepInfo:
         if self._data_parallel is not None:  # distributed: communication volume
             extras = {**self._data_parallel.extras(), **extras}
+        extras = {**direction.extras, **extras}  # backend diagnostics (matrix-free sketch)
         sq = float(rows.detach().to(torch.float64).square().sum())
         return StepInfo(
             loss=0.5 * sq,

@@ -282,6 +282,14 @@ class _Solve:
     components: Tensor | None
     row_change: Tensor | None
     square_avg: Tensor | None  # new full "pre" second moment (P,), or None
+    extras: dict[str, Any] | None = None  # matrix-free: sketch diagnostics for StepInfo
+
+
+def _matfree_pays(rows: Tensor, filt: SpectralFilter, o: VariantOptions) -> bool:
+    """Generic backend: the matrix-free sketch (about ``4 (q + 1) l`` backward passes,
+    O((N + P) l) memory) instead of the materialised J (N backward passes, O(N P))."""
+    columns = (filt.rank or 0) + o.oversample
+    return rows.numel() > 4 * (o.power_iters + 1) * columns
 
 
 def _full_state(opt: Sven, params: Sequence[Tensor], key: str) -> Tensor:
@@ -445,7 +453,9 @@ class Variants:
                 None,
             )
             used = generic.name
-        elif o.needs_jacobian or (o.randomized and not hasattr(primary, "gram_matrix")):
+        elif o.needs_jacobian or (
+            o.randomized and primary is generic and not _matfree_pays(rows, filt, o)
+        ):
             solved = self._materialised(opt, rows, sel, params, filt)
             used = generic.name
         elif o.randomized:
@@ -454,7 +464,10 @@ class Variants:
                 used = primary.name
             except FallbackRequired as why:
                 _warn_fallback(opt, primary.name, why.reason)
-                solved = self._materialised(opt, rows, sel, params, filt)
+                if _matfree_pays(rows, filt, o):  # matrix-free on the generic backend too
+                    solved = self._nystrom(generic, rows, sel.solve_params, filt, None, out)
+                else:
+                    solved = self._materialised(opt, rows, sel, params, filt)
                 used = generic.name
         else:
             direction, used = opt._direction(
@@ -477,6 +490,22 @@ class Variants:
         """Randomized solve on a Gram backend: K from the backend, ``c`` by a Nystrom
         sketch of K, the step ``J^T c`` by one backward (the rows' graph is kept)."""
         o = self.options
+        # --- matrix-free rank-k step (torchsven.matfree): K only through block products
+        if hasattr(backend, "matfree_direction"):
+            assert filt.rank is not None
+            d = backend.matfree_direction(
+                rows,
+                params,
+                filt,
+                captured,
+                output,
+                columns=filt.rank + o.oversample,
+                power_iters=o.power_iters,
+                generator=self.generator,
+            )
+            flat = torch.cat([t.reshape(-1) for t in d.step])
+            return _Solve(flat, d.solution, None, d.row_change, None, dict(d.extras))
+        # --- end matrix-free
         gram = backend.gram_matrix(rows, params, captured, output)
         r64 = rows.detach().reshape(-1).to(torch.float64)
         coeffs, solution = nystrom_coefficients(
@@ -508,7 +537,8 @@ class Variants:
         if solved.square_avg is not None:
             self._pending["square_avg"] = (params, solved.square_avg)
         step = flat_to_params(update, params)
-        return out, rows, Direction(step, solved.solution, solved.row_change), used
+        direction = Direction(step, solved.solution, solved.row_change, solved.extras or {})
+        return out, rows, direction, used
 
     def commit(self, opt: Sven) -> None:
         """Store the state of the step :meth:`evaluate` computed."""
@@ -554,6 +584,7 @@ class Variants:
         )
         extras: dict[str, Any] = {}
         kept = solved.solution.kept
+        extras.update(solved.extras or {})  # matrix-free sketch diagnostics
         if o.param_fraction < 1:
             extras["selected"] = int(solved.flat.numel())
         if o.variable_rank and params:

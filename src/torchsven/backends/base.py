@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,11 +43,14 @@ class Direction:
         solution: singular values, kept count and decomposition used.
         row_change: ``J step`` (N,) float64, the linear model's change of the rows
             for a unit learning rate, or None when the backend does not form it.
+        extras: diagnostics for ``StepInfo.extras`` (e.g. the matrix-free
+            sketch's residual), by name.
     """
 
     step: list[Tensor]
     solution: SpectralSolution
     row_change: Tensor | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:

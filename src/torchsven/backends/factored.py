@@ -34,7 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..solve import SpectralFilter, gram_coefficients, jacobian_step
+from ..matfree import ParamBlock, range_finder, ritz_step
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
 from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
 from .layers import (
     ChannelBiasLinearTerm,
@@ -45,6 +46,9 @@ from .layers import (
     RowLayout,
     Term,
     TermError,
+    block_j,
+    block_jt,
+    block_sketch,
     channel_bias_mask,
     conv_factors,
     dtype_tolerance,
@@ -286,6 +290,47 @@ class FactoredBackend(Backend):
     ) -> Tensor:
         """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
         return self._with_factors(rows, params, captured, output, lambda *f: self._gram(*f)[0])
+
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step touching ``K = J J^T`` only through block products from the factors.
+
+        Randomized range finder on K with ``columns`` (rank + oversampling)
+        columns and ``power_iters`` power iterations, then the filtered
+        Rayleigh-Ritz step (:mod:`torchsven.matfree`); same hooks, guard and
+        probe as :meth:`direction`. ``solver`` is "matfree"; the Ritz values are
+        the singular values reported, ``extras`` holds ``sketch_residual``
+        (estimated ``||(I - Q Q^T) J||_F / ||J||_F``), ``sketch_columns`` and
+        ``block_products``.
+        """
+
+        def use(rows: Tensor, params: list[Tensor], contributions: Any, layout: RowLayout):
+            op = FactoredJacobian(params, contributions, layout)
+            width = max(1, min(columns, layout.rows))
+            sketch = range_finder(op, width, power_iters, generator, probes)
+            ritz = ritz_step(sketch, rows.detach(), filt)
+            step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
+            row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
+            extras = {
+                "sketch_residual": sketch.residual,
+                "sketch_columns": width,
+                "block_products": sketch.products,
+            }
+            solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
+            return Direction(step, solution, row_change, extras)
+
+        return self._with_factors(rows, params, captured, output, use)
 
     def _with_factors(
         self,
@@ -665,4 +710,71 @@ class _SumTerm(Term):
         for term in self.terms:
             for n, t in term.per_row(names).items():
                 out[n] = t if n not in out else out[n] + t
+        return out
+
+
+class FactoredJacobian:
+    """Block products with J from a step's checked per-layer factors (:mod:`torchsven.matfree`).
+
+    Parameters reached by one term use its factor products
+    (:func:`torchsven.backends.layers.block_jt` / ``block_j`` / ``block_sketch``);
+    a parameter shared by several terms uses its summed per-row gradients (R, p).
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> None:
+        self.rows = layout.rows
+        self.params = params
+        self._by_term: dict[int, tuple[Term, list[str], list[int]]] = {}
+        self._shared: list[tuple[int, Tensor]] = []
+        for i, p in enumerate(params):
+            contribs = contributions.get(id(p), [])
+            if len(contribs) == 1:
+                term, name, _ = contribs[0]
+                entry = self._by_term.setdefault(id(term), (term, [], []))
+                entry[1].append(name)
+                entry[2].append(i)
+            elif contribs:
+                per_row = sum(t.per_row([n])[n] for t, n, _ in contribs)
+                self._shared.append((i, per_row.reshape(layout.rows, -1)))
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        device = self.params[0].device
+        out = torch.zeros(self.rows, columns, dtype=_F64, device=device)
+        for term, names, _ in self._by_term.values():
+            part = block_sketch(term, names, columns, generator)
+            if part is not None:
+                out += part
+        for _, per_row in self._shared:
+            omega = torch.randn(per_row.shape[1], columns, generator=generator, dtype=_F64)
+            out += (per_row @ omega.to(per_row.device, per_row.dtype)).to(_F64)
+        return out
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        b = v.shape[1]
+        out: list[Tensor | None] = [None] * len(self.params)
+        for term, names, indices in self._by_term.values():
+            parts = block_jt(term, names, v)
+            for name, i in zip(names, indices, strict=True):
+                out[i] = parts[name]
+        for i, per_row in self._shared:
+            out[i] = (v.to(per_row.dtype).mT @ per_row).reshape(b, *self.params[i].shape)
+        return [
+            torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) if t is None else t
+            for t, p in zip(out, self.params, strict=True)
+        ]
+
+    def j(self, z: ParamBlock) -> Tensor:
+        b = z[0].shape[0]
+        out = torch.zeros(self.rows, b, dtype=_F64, device=z[0].device)
+        for term, names, indices in self._by_term.values():
+            part = block_j(term, names, {n: z[i] for n, i in zip(names, indices, strict=True)})
+            if part is not None:
+                out += part
+        for i, per_row in self._shared:
+            out += (per_row @ z[i].reshape(b, -1).to(per_row.dtype).mT).to(_F64)
         return out
