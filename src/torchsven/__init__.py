@@ -5,9 +5,9 @@ with a truncated (optionally damped) pseudo-inverse of the per-row Jacobian.
 """
 
 from . import pde, pinn, residuals
+from .config import BacktrackingLineSearch
 from .damping import AdaptiveDamping
-from .errors import NonFiniteError, SvenFallbackWarning
-from .globalize import BacktrackingLineSearch
+from .errors import NonFiniteError, SvenFallbackWarning, SvenPerformanceWarning
 from .info import StepInfo
 from .optim import Sven
 from .polyak import PolyakSGD
@@ -23,6 +23,7 @@ __all__ = [
     "StepInfo",
     "Sven",
     "SvenFallbackWarning",
+    "SvenPerformanceWarning",
     "__version__",
     "effective_rank",
     "from_errors",

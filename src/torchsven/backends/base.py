@@ -61,9 +61,14 @@ def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 
 
 class Backend(abc.ABC):
-    """Computes the filtered direction for the residual rows of one closure call."""
+    """Computes the filtered direction for the residual rows of one closure call.
+
+    ``provides_gram`` declares the Gram protocol: such a backend also implements
+    :meth:`gram_matrix` (used by randomized solves on K).
+    """
 
     name: str = "abstract"
+    provides_gram: bool = False
 
     @contextlib.contextmanager
     def capture(self, params: Sequence[Tensor]) -> Iterator[Any]:
@@ -85,12 +90,31 @@ class Backend(abc.ABC):
         unflattened return value (dim 0: samples), when the caller has it.
         """
 
+    def gram_matrix(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        captured: Any,
+        output: Tensor | None = None,
+    ) -> Tensor:
+        """``K = J J^T`` (N, N) float64; only where :attr:`provides_gram` is True."""
+        raise NotImplementedError(f"the {self.name} backend does not provide a Gram matrix")
 
-def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise NonFiniteError when ``tensor`` holds NaN or Inf (one host sync)."""
+
+def check_finite(tensor: Tensor | Sequence[Tensor], what: str) -> None:
+    """Raise NonFiniteError when ``tensor`` (or any of several) holds NaN or Inf.
+
+    One host sync however many tensors are checked.
+    """
     from ..errors import NonFiniteError
 
-    if not bool(torch.isfinite(tensor).all()):
+    if isinstance(tensor, Tensor):
+        finite = torch.isfinite(tensor).all()
+    elif not tensor:
+        return
+    else:
+        finite = torch.stack([torch.isfinite(t).all() for t in tensor]).all()
+    if not bool(finite):
         raise NonFiniteError(
             f"{what} contains NaN or Inf; the step was not taken and nothing was changed"
         )
