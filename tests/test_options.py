@@ -413,7 +413,7 @@ def test_randomized_sven_full_sketch_equals_exact(backend, rank, oversample):
     )
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
     assert opt.last_step.backend == backend and opt.last_step.kept == rank
-    assert opt.last_step.solver == ("randomized" if backend == "generic" else "nystrom")
+    assert opt.last_step.solver == ("randomized" if backend == "generic" else "matfree")
 
 
 # ---------------------------------------------------------------------- spectrum
@@ -756,7 +756,7 @@ def test_backend_independent_options_match_reference(backend):
     for other in BACKENDS:  # options that need the generic backend refuse the others
         if other not in ("auto", "generic"):
             with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
-                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
+                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="entries")
 
 
 def test_precondition_pre_with_mask_matches_reference():

@@ -9,6 +9,7 @@ from .config import BacktrackingLineSearch
 from .damping import AdaptiveDamping
 from .errors import NonFiniteError, SvenFallbackWarning, SvenPerformanceWarning
 from .info import StepInfo
+from .least_squares import LeastSquaresResult, least_squares
 from .optim import Sven
 from .polyak import PolyakSGD
 from .residuals import from_errors, from_losses
@@ -17,6 +18,7 @@ from .spectrum import SpectrumRecord, effective_rank, plot_spectrum
 __all__ = [
     "AdaptiveDamping",
     "BacktrackingLineSearch",
+    "LeastSquaresResult",
     "NonFiniteError",
     "PolyakSGD",
     "SpectrumRecord",
@@ -28,6 +30,7 @@ __all__ = [
     "effective_rank",
     "from_errors",
     "from_losses",
+    "least_squares",
     "pde",
     "pinn",
     "plot_spectrum",

@@ -189,7 +189,7 @@ class SvenConfig:
     @property
     def needs_generic(self) -> bool:
         """Only the generic backend computes these options' direction."""
-        return self.needs_jacobian or (self.masked and self.mask == "rows")
+        return self.needs_jacobian
 
     @property
     def changes_update(self) -> bool:
@@ -405,8 +405,8 @@ def check_compatible(config: SvenConfig, has_model: bool, distributed: bool) -> 
     if c.needs_generic and c.backend not in ("auto", "generic"):
         raise ValueError(
             f"backend={c.backend!r} cannot be combined with precondition='pre', variable_rank "
-            "or mask='entries'/'rows' with param_fraction < 1: they run on the generic "
-            "backend (backend='generic' or 'auto')"
+            "or mask='entries' with param_fraction < 1: they need the materialised Jacobian "
+            "of the generic backend (backend='generic' or 'auto')"
         )
     if c.microbatch_size is not None and distributed:
         raise ValueError(

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,11 +43,14 @@ class Direction:
         solution: singular values, kept count and decomposition used.
         row_change: ``J step`` (N,) float64, the linear model's change of the rows
             for a unit learning rate, or None when the backend does not form it.
+        extras: diagnostics for ``StepInfo.extras`` (e.g. the matrix-free
+            sketch's residual), by name.
     """
 
     step: list[Tensor]
     solution: SpectralSolution
     row_change: Tensor | None = None
+    extras: Mapping[str, Any] = field(default_factory=dict)
 
 
 def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
@@ -63,16 +66,22 @@ def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 class Backend(abc.ABC):
     """Computes the filtered direction for the residual rows of one closure call.
 
-    ``provides_gram`` declares the Gram protocol: such a backend also implements
-    :meth:`gram_matrix` (used by randomized solves on K).
+    Declared capabilities (the evaluator asks these, never ``hasattr``):
+    ``provides_gram``: :meth:`gram_matrix` is implemented; ``provides_matfree``:
+    :meth:`matfree_direction` (rank-k steps through block products ``K V``).
     """
 
     name: str = "abstract"
     provides_gram: bool = False
+    provides_matfree: bool = False
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Any]:
-        """Context active while the closure runs; yields what ``direction`` needs."""
+    def capture(self, params: Sequence[Tensor], selection: Any = None) -> Iterator[Any]:
+        """Context active while the closure runs; yields what ``direction`` needs.
+
+        ``selection``: the step's :class:`torchsven.masks.Selection` when it
+        routes layer rows through leaf tensors (``mask="rows"``).
+        """
         yield None
 
     @abc.abstractmethod
@@ -99,6 +108,22 @@ class Backend(abc.ABC):
     ) -> Tensor:
         """``K = J J^T`` (N, N) float64; only where :attr:`provides_gram` is True."""
         raise NotImplementedError(f"the {self.name} backend does not provide a Gram matrix")
+
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step through block products; only where :attr:`provides_matfree` is True."""
+        raise NotImplementedError(f"the {self.name} backend has no matrix-free rank-k step")
 
 
 def check_finite(tensor: Tensor | Sequence[Tensor], what: str) -> None:

@@ -34,7 +34,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from ..solve import SpectralFilter, gram_coefficients
+from ..masks import Selection
+from ..matfree import ParamBlock, range_finder, ritz_step
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
 from .assembly import GramAssembly
 from .base import Backend, Direction, FallbackRequired, check_finite
 from .layers import (
@@ -45,6 +47,9 @@ from .layers import (
     RowLayout,
     Term,
     TermError,
+    block_j,
+    block_jt,
+    block_sketch,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -98,6 +103,9 @@ class Call:
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
     #: the autocast dtype the call ran under (its Linear/Conv inputs are cast to it)
     autocast: torch.dtype | None = None
+    #: output rows (Linear features / Conv channels) whose weight rows are solved for
+    #: (``mask="rows"``: the covered tensors are the selection's leaves), or None
+    out_rows: Tensor | None = None
 
     def input(self) -> Any:
         """The first input as the module's kernel saw it (autocast's cast applied)."""
@@ -110,7 +118,9 @@ class Call:
 class Recorder:
     """Hooks of one step: forward (pre-)hooks on modules, tensor hooks on outputs."""
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> None:
         self.model = model
         trainable = {id(p) for p in params}
         self.calls: list[Call] = []
@@ -134,6 +144,18 @@ class Recorder:
                 self._owned[id(module)] = {
                     n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable
                 }
+        # mask="rows": a masked layer's solved-for tensors are the leaves W[S], b[S]
+        self._out_rows: dict[int, Tensor] = {}
+        if selection is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            for layer, (weight, bias), out_rows in zip(
+                selection.row_layers, selection.row_leaves, selection.row_index, strict=True
+            ):
+                key = id(layer.module)
+                owned = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+                self._names[key] = names.get(key, "?")
+                self._owned[key] = self._subtree[key] = owned
+                self._out_rows[key] = out_rows
 
     # ------------------------------------------------------------- install
     def install(self) -> None:
@@ -191,6 +213,7 @@ class Recorder:
             leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
             call = Call(module, self._names[key], kind, args, kwargs, covers, versions)
+            call.out_rows = self._out_rows.get(key)
             device = next(iter(covers.values())).device.type
             if kind in ("linear", "conv") and torch.is_autocast_enabled(device):
                 call.autocast = torch.get_autocast_dtype(device)
@@ -239,6 +262,7 @@ class FactoredBackend(Backend):
 
     name = "factored"
     provides_gram = True
+    provides_matfree = True
 
     def __init__(
         self,
@@ -264,8 +288,10 @@ class FactoredBackend(Backend):
         self.probes = 0
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Recorder]:
-        recorder = Recorder(self.model, params)
+    def capture(
+        self, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> Iterator[Recorder]:
+        recorder = Recorder(self.model, params, selection)
         recorder.install()
         try:
             yield recorder
@@ -293,6 +319,47 @@ class FactoredBackend(Backend):
     ) -> Tensor:
         """K = J J^T (N, N) float64 of the rows, with the same hooks, guard and probe."""
         return self._with_factors(rows, params, captured, output, lambda *f: self._gram(*f)[0])
+
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step touching ``K = J J^T`` only through block products from the factors.
+
+        Randomized range finder on K with ``columns`` (rank + oversampling)
+        columns and ``power_iters`` power iterations, then the filtered
+        Rayleigh-Ritz step (:mod:`torchsven.matfree`); same hooks, guard and
+        probe as :meth:`direction`. ``solver`` is "matfree"; the Ritz values are
+        the singular values reported, ``extras`` holds ``sketch_residual``
+        (estimated ``||(I - Q Q^T) J||_F / ||J||_F``), ``sketch_columns`` and
+        ``block_products``.
+        """
+
+        def use(rows: Tensor, params: list[Tensor], contributions: Any, layout: RowLayout):
+            op = FactoredJacobian(params, contributions, layout)
+            width = max(1, min(columns, layout.rows))
+            sketch = range_finder(op, width, power_iters, generator, probes)
+            ritz = ritz_step(sketch, rows.detach(), filt)
+            step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
+            row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
+            extras = {
+                "sketch_residual": sketch.residual,
+                "sketch_columns": width,
+                "block_products": sketch.products,
+            }
+            solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
+            return Direction(step, solution, row_change, extras)
+
+        return self._with_factors(rows, params, captured, output, use)
 
     def _with_factors(
         self,
@@ -441,6 +508,8 @@ class FactoredBackend(Backend):
             ]
             a = torch.cat([p[0] for p in parts], dim=1)
             g = torch.cat([p[1] for p in parts], dim=1)
+            if first.out_rows is not None:  # mask="rows": the chosen output rows only
+                g = g[..., first.out_rows.to(g.device)]
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -615,4 +684,71 @@ class _SumTerm(Term):
         for term in self.terms:
             for n, t in term.per_row(names).items():
                 out[n] = t if n not in out else out[n] + t
+        return out
+
+
+class FactoredJacobian:
+    """Block products with J from a step's checked per-layer factors (:mod:`torchsven.matfree`).
+
+    Parameters reached by one term use its factor products
+    (:func:`torchsven.backends.layers.block_jt` / ``block_j`` / ``block_sketch``);
+    a parameter shared by several terms uses its summed per-row gradients (R, p).
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> None:
+        self.rows = layout.rows
+        self.params = params
+        self._by_term: dict[int, tuple[Term, list[str], list[int]]] = {}
+        self._shared: list[tuple[int, Tensor]] = []
+        for i, p in enumerate(params):
+            contribs = contributions.get(id(p), [])
+            if len(contribs) == 1:
+                term, name, _ = contribs[0]
+                entry = self._by_term.setdefault(id(term), (term, [], []))
+                entry[1].append(name)
+                entry[2].append(i)
+            elif contribs:
+                per_row = sum(t.per_row([n])[n] for t, n, _ in contribs)
+                self._shared.append((i, per_row.reshape(layout.rows, -1)))
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        device = self.params[0].device
+        out = torch.zeros(self.rows, columns, dtype=_F64, device=device)
+        for term, names, _ in self._by_term.values():
+            part = block_sketch(term, names, columns, generator)
+            if part is not None:
+                out += part
+        for _, per_row in self._shared:
+            omega = torch.randn(per_row.shape[1], columns, generator=generator, dtype=_F64)
+            out += (per_row @ omega.to(per_row.device, per_row.dtype)).to(_F64)
+        return out
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        b = v.shape[1]
+        out: list[Tensor | None] = [None] * len(self.params)
+        for term, names, indices in self._by_term.values():
+            parts = block_jt(term, names, v)
+            for name, i in zip(names, indices, strict=True):
+                out[i] = parts[name]
+        for i, per_row in self._shared:
+            out[i] = (v.to(per_row.dtype).mT @ per_row).reshape(b, *self.params[i].shape)
+        return [
+            torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) if t is None else t
+            for t, p in zip(out, self.params, strict=True)
+        ]
+
+    def j(self, z: ParamBlock) -> Tensor:
+        b = z[0].shape[0]
+        out = torch.zeros(self.rows, b, dtype=_F64, device=z[0].device)
+        for term, names, indices in self._by_term.values():
+            part = block_j(term, names, {n: z[i] for n, i in zip(names, indices, strict=True)})
+            if part is not None:
+                out += part
+        for i, per_row in self._shared:
+            out += (per_row @ z[i].reshape(b, -1).to(per_row.dtype).mT).to(_F64)
         return out

@@ -15,10 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..solve import SpectralFilter, jacobian_step
+from ..matfree import ParamBlock, range_finder, ritz_step
+from ..solve import SpectralFilter, SpectralSolution, jacobian_step
 from .base import Backend, Direction, check_finite, flat_to_params
 
-__all__ = ["GenericBackend", "jacobian"]
+__all__ = ["AutogradJacobian", "GenericBackend", "jacobian"]
 
 #: Default memory budget for one chunk of batched backward passes.
 DEFAULT_CHUNK_BYTES = 1 << 28
@@ -116,6 +117,7 @@ class GenericBackend(Backend):
     """
 
     name = "generic"
+    provides_matfree = True
 
     def __init__(
         self, solver: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, mode: str = "batched"
@@ -137,3 +139,152 @@ class GenericBackend(Backend):
         rows64 = rows.detach().reshape(-1).to(torch.float64)
         flat, solution = jacobian_step(jac, rows64, filt, self.solver)
         return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
+
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any = None,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step with K only through block products by autograd (never J).
+
+        ``J^T V`` by batched vector-Jacobian products, ``J Z`` by the double-backward
+        trick (:class:`AutogradJacobian`); the rest as in
+        :meth:`torchsven.backends.factored.FactoredBackend.matfree_direction`.
+        """
+        params = list(params)
+        rows = rows.reshape(-1)
+        op = AutogradJacobian(rows, params, self.chunk_bytes)
+        width = max(1, min(columns, rows.numel()))
+        sketch = range_finder(op, width, power_iters, generator, probes)
+        ritz = ritz_step(sketch, rows.detach(), filt)
+        check_finite(torch.cat([s.reshape(-1) for s in ritz.step]), "the Sven step")
+        step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
+        row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
+        extras = {
+            "sketch_residual": sketch.residual,
+            "sketch_columns": width,
+            "block_products": sketch.products,
+        }
+        solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
+        return Direction(step, solution, row_change, extras)
+
+
+class AutogradJacobian:
+    """Block products with the Jacobian of ``rows`` by autograd (:mod:`torchsven.matfree`).
+
+    * ``jt(V)``: ``J^T V`` by backward passes batched over V's columns
+      (``is_grads_batched``), at most :data:`MAX_CHUNK_ROWS` columns per pass;
+    * ``j(Z)``: ``J Z`` as the gradient of ``u -> <J^T u, Z>``: one backward of
+      ``rows`` with ``create_graph=True`` builds ``g(u) = J^T u`` (linear in a
+      dummy ``u``), then batched backward passes of ``g`` give ``J Z`` (the
+      double-backward form of a Jacobian-vector product).
+
+    Memory: the graph of the rows (already there), plus O((N + P) b) per chunk.
+    """
+
+    def __init__(self, rows: Tensor, params: list[Tensor], chunk_bytes: int) -> None:
+        self.rows_tensor = rows
+        self.rows = rows.numel()
+        self.params = params
+        p_total = sum(p.numel() for p in params)
+        itemsize = max(p.element_size() for p in params)
+        budget = chunk_bytes // max(1, 4 * (p_total + self.rows) * itemsize)
+        self.chunk = max(1, min(MAX_CHUNK_ROWS, budget))
+        self._linear: tuple[Tensor, list[Tensor | None]] | None = None
+
+    def _batched(
+        self, outputs: Sequence[Tensor], inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor]
+    ) -> list[Tensor | None]:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            try:
+                return list(
+                    torch.autograd.grad(
+                        outputs,
+                        inputs,
+                        grad_outputs=grad_outputs,
+                        retain_graph=True,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                )
+            except RuntimeError:  # vmap cannot run this graph: one pass per column
+                columns = []
+                for k in range(grad_outputs[0].shape[0]):
+                    columns.append(
+                        torch.autograd.grad(
+                            outputs,
+                            inputs,
+                            grad_outputs=[g[k] for g in grad_outputs],
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                    )
+                return [
+                    None if col[0] is None else torch.stack(list(col))
+                    for col in zip(*columns, strict=True)
+                ]
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        omega = [
+            torch.randn((columns, *p.shape), generator=generator, dtype=torch.float64).to(
+                p.device, p.dtype
+            )
+            for p in self.params
+        ]
+        return self.j(omega)
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        b = v.shape[1]
+        out = [torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        vt = v.mT.to(self.rows_tensor.dtype)
+        for start in range(0, b, self.chunk):
+            grads = self._batched(
+                [self.rows_tensor], self.params, [vt[start : start + self.chunk].contiguous()]
+            )
+            for o, g in zip(out, grads, strict=True):
+                if g is not None:
+                    o[start : start + g.shape[0]] = g
+        return out
+
+    def _linear_map(self) -> tuple[Tensor, list[Tensor | None]]:
+        if self._linear is None:
+            dummy = torch.zeros_like(self.rows_tensor, requires_grad=True)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(
+                    self.rows_tensor,
+                    self.params,
+                    grad_outputs=dummy,
+                    create_graph=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+            linear = [g if g is not None and g.requires_grad else None for g in grads]
+            self._linear = (dummy, linear)
+        return self._linear
+
+    def j(self, z: ParamBlock) -> Tensor:
+        b = z[0].shape[0]
+        out = torch.zeros(self.rows, b, dtype=torch.float64, device=self.rows_tensor.device)
+        dummy, grads = self._linear_map()
+        used = [i for i, g in enumerate(grads) if g is not None]
+        if not used:
+            return out
+        for start in range(0, b, self.chunk):
+            sl = slice(start, start + self.chunk)
+            (col,) = self._batched(
+                [grads[i] for i in used],  # type: ignore[misc]
+                [dummy],
+                [z[i][sl].to(self.params[i].dtype).contiguous() for i in used],
+            )
+            if col is not None:
+                out[:, sl] = col.mT.to(torch.float64)
+        return out

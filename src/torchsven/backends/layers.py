@@ -598,3 +598,179 @@ def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
     """Relative tolerance of the guard for sums of ``terms`` products in ``dtype``."""
     eps = torch.finfo(dtype).eps
     return min(0.05, max(1e-11, 64 * eps * math.sqrt(terms + 1)))
+
+
+# --------------------------------------------------------------------------- block products
+# The matrix-free rank-k path (:mod:`torchsven.matfree`, docs/design.md "Rank-k steps") needs
+# ``J_l^T V`` (V (R, b)) and ``J_l Z`` (Z (b, *shape) per parameter) of each term,
+# computed from its factors in row chunks, never the per-row gradients of a Linear,
+# Conv or Embedding layer. Terms without a factor rule here use their per-row
+# gradients (norm layers, generic modules: small, already materialised).
+
+#: Elements of one row chunk's temporary in the block products.
+BLOCK_CHUNK_ELEMS = 1 << 22
+
+
+def _chunks(rows: int, per_row: int) -> list[slice]:
+    step = max(1, BLOCK_CHUNK_ELEMS // max(1, per_row))
+    return [slice(s, s + step) for s in range(0, rows, step)]
+
+
+def _gaussian(shape: tuple[int, ...], generator: torch.Generator, like: Tensor) -> Tensor:
+    """Standard normal draws on the CPU in float64 (device-independent), cast like ``like``."""
+    return torch.randn(shape, generator=generator, dtype=_F64).to(like.device, like.dtype)
+
+
+def block_jt(term: Term, names: Sequence[str], v: Tensor) -> dict[str, Tensor]:
+    """``J_p^T V`` (b, *shape) per parameter ``p`` of ``term`` for V (R, b), factors' dtype."""
+    if isinstance(term, LinearLikeTerm):
+        return _linear_jt(term, names, v)
+    if isinstance(term, EmbeddingTerm):
+        return _embedding_jt(term, names, v)
+    out = {}
+    for n, t in term.per_row(names).items():
+        flat = t.reshape(t.shape[0], -1)
+        out[n] = (v.to(flat.dtype).mT @ flat).reshape(v.shape[1], *term.params[n].shape)
+    return out
+
+
+def block_j(term: Term, names: Sequence[str], z: dict[str, Tensor]) -> Tensor | None:
+    """``sum_p J_p Z_p`` (R, b) float64 over the parameters ``names`` of ``term``."""
+    if isinstance(term, LinearLikeTerm):
+        return _linear_j(term, names, z)
+    if isinstance(term, EmbeddingTerm):
+        return _embedding_j(term, names, z)
+    out = None
+    for n, t in term.per_row(names).items():
+        flat = t.reshape(t.shape[0], -1)
+        zn = z[n].reshape(z[n].shape[0], -1).to(flat.dtype)
+        part = (flat @ zn.mT).to(_F64)
+        out = part if out is None else out + part
+    return out
+
+
+def block_sketch(
+    term: Term, names: Sequence[str], columns: int, generator: torch.Generator
+) -> Tensor | None:
+    """``sum_p J_p Omega_p`` (R, columns) float64 for random test blocks ``Omega_p``.
+
+    Linear/Conv weights and embeddings use Kronecker columns ``u w^T`` (cost of
+    a forward pass with ``columns`` outputs); other parameters Gaussian columns.
+    """
+    if isinstance(term, LinearLikeTerm):
+        return _linear_sketch(term, names, columns, generator)
+    if isinstance(term, EmbeddingTerm):
+        if term.name not in names:
+            return None
+        vocab, d = term.params[term.name].shape
+        u = _gaussian((columns, vocab), generator, term.g)
+        w = _gaussian((columns, d), generator, term.g)
+        rows, positions = term.idx.shape
+        out = term.g.new_zeros(rows, columns, dtype=_F64)
+        for sl in _chunks(rows, positions * columns * 2):
+            gw = term.g[sl] @ w.mT  # (c, T, l)
+            out[sl] = (gw * u.mT[term.idx[sl]]).sum(1).to(_F64)
+        return out
+    z = {
+        n: _gaussian((columns, *t.shape[1:]), generator, t) for n, t in term.per_row(names).items()
+    }
+    return block_j(term, names, z) if z else None
+
+
+def _linear_jt(term: LinearLikeTerm, names: Sequence[str], v: Tensor) -> dict[str, Tensor]:
+    a, g = term.a, term.g
+    rows, positions, groups, dk = a.shape
+    do = g.shape[-1]
+    b = v.shape[1]
+    v = v.to(g.dtype)
+    out: dict[str, Tensor] = {}
+    if term.weight_name in names:
+        acc = g.new_zeros(groups, dk, b * do)
+        for sl in _chunks(rows, positions * b * max(do, dk)):
+            c = a[sl].shape[0]
+            for q in range(groups):
+                ac = a[sl, :, q].reshape(c * positions, dk)
+                gv = (g[sl, :, q, None, :] * v[sl, None, :, None]).reshape(c * positions, b * do)
+                acc[q] += ac.mT @ gv
+        shape = term.params[term.weight_name].shape
+        weight = acc.reshape(groups, dk, b, do).permute(2, 0, 3, 1)  # (b, q, do, dk)
+        out[term.weight_name] = weight.reshape(b, *shape)
+    if term.bias_name in names:
+        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        out[term.bias_name] = v.mT @ gsum
+    return out
+
+
+def _linear_j(term: LinearLikeTerm, names: Sequence[str], z: dict[str, Tensor]) -> Tensor | None:
+    a, g = term.a, term.g
+    rows, positions, groups, dk = a.shape
+    do = g.shape[-1]
+    out = None
+    if term.weight_name in names:
+        zw = z[term.weight_name]
+        b = zw.shape[0]
+        zq = zw.to(a.dtype).reshape(b, groups, do, dk)
+        mats = [zq[:, q].permute(2, 0, 1).reshape(dk, b * do) for q in range(groups)]
+        out = a.new_zeros(rows, b, dtype=_F64)
+        for sl in _chunks(rows, positions * b * do):
+            c = a[sl].shape[0]
+            part = a.new_zeros(c, b)
+            for q in range(groups):
+                az = (a[sl, :, q].reshape(c * positions, dk) @ mats[q]).reshape(c, positions, b, do)
+                part += (az * g[sl, :, q, None, :]).sum(dim=(1, 3))
+            out[sl] = part.to(_F64)
+    if term.bias_name in names:
+        zb = z[term.bias_name]
+        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        part = (gsum @ zb.reshape(zb.shape[0], -1).to(g.dtype).mT).to(_F64)
+        out = part if out is None else out + part
+    return out
+
+
+def _linear_sketch(
+    term: LinearLikeTerm, names: Sequence[str], columns: int, generator: torch.Generator
+) -> Tensor | None:
+    a, g = term.a, term.g
+    rows, positions, groups, dk = a.shape
+    do = g.shape[-1]
+    out = None
+    if term.weight_name in names:
+        u = _gaussian((columns, groups, do), generator, g)
+        w = _gaussian((columns, groups, dk), generator, a)
+        out = a.new_zeros(rows, columns, dtype=_F64)
+        for sl in _chunks(rows, positions * groups * columns * 2):
+            gu = torch.einsum("ctqo,lqo->ctql", g[sl], u)
+            aw = torch.einsum("ctqk,lqk->ctql", a[sl], w)
+            out[sl] = (gu * aw).sum(dim=(1, 2)).to(_F64)
+    if term.bias_name in names:
+        zb = _gaussian((columns, groups * do), generator, g)
+        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        part = (gsum @ zb.mT).to(_F64)
+        out = part if out is None else out + part
+    return out
+
+
+def _embedding_jt(term: EmbeddingTerm, names: Sequence[str], v: Tensor) -> dict[str, Tensor]:
+    if term.name not in names:
+        return {}
+    vocab, d = term.params[term.name].shape
+    rows, positions = term.idx.shape
+    b = v.shape[1]
+    v = v.to(term.g.dtype)
+    acc = term.g.new_zeros(vocab, b * d)
+    for sl in _chunks(rows, positions * b * d):
+        gv = term.g[sl, :, None, :] * v[sl, None, :, None]  # (c, T, b, d)
+        acc.index_add_(0, term.idx[sl].reshape(-1), gv.reshape(-1, b * d))
+    return {term.name: acc.reshape(vocab, b, d).permute(1, 0, 2).contiguous()}
+
+
+def _embedding_j(term: EmbeddingTerm, names: Sequence[str], z: dict[str, Tensor]) -> Tensor | None:
+    if term.name not in names:
+        return None
+    zt = z[term.name].to(term.g.dtype).permute(1, 0, 2)  # (V, b, d)
+    rows, positions = term.idx.shape
+    b, d = zt.shape[1], zt.shape[2]
+    out = term.g.new_zeros(rows, b, dtype=_F64)
+    for sl in _chunks(rows, positions * b * d):
+        out[sl] = (zt[term.idx[sl]] * term.g[sl, :, None, :]).sum(dim=(1, 3)).to(_F64)
+    return out

@@ -172,6 +172,15 @@ class _Solved:
     row_change: Tensor | None
     components: Tensor | None = None
     square_avg: Tensor | None = None  # new full "pre" second moment (P,)
+    extras: dict[str, Any] = field(default_factory=dict)  # backend diagnostics
+
+
+def _matfree_pays(rows: Tensor, ctx: StepContext) -> bool:
+    """Generic backend: the matrix-free sketch (about ``4 (q + 1) l`` backward passes,
+    O((N + P) l) memory) instead of the materialised J (N backward passes, O(N P))."""
+    cfg = ctx.config
+    columns = (cfg.rank or 0) + cfg.oversample
+    return rows.numel() > 4 * (cfg.power_iters + 1) * columns
 
 
 class LocalEvaluator:
@@ -192,7 +201,8 @@ class LocalEvaluator:
         )
         primary = self.generic if cfg.needs_generic else self.primary
         with torch.enable_grad():  # also for the backends' autograd calls after the closure
-            with primary.capture(sel.solve_params) as captured, sel.hooks():
+            # the selection's hooks first: the capture must see the layers' final outputs
+            with sel.hooks(), primary.capture(sel.solve_params, sel) as captured:
                 out = closure()
             rows = residual_rows(out)
             if cfg.microbatch_size is not None:
@@ -205,13 +215,21 @@ class LocalEvaluator:
                 direction, used = self.direction(primary, rows, ctx, captured, out)
                 check_finite(direction.step, "the Sven step (the Jacobian has NaN or Inf entries)")
                 return Evaluation(
-                    out, rows, direction.step, direction.solution, direction.row_change, used
+                    out,
+                    rows,
+                    direction.step,
+                    direction.solution,
+                    direction.row_change,
+                    used,
+                    extras=dict(direction.extras),
                 )
             solved, used = self._special(primary, rows, sel, ctx, captured, out)
         check_finite(solved.flat, "the Sven step (the Jacobian has NaN or Inf entries)")
         total = sum(p.numel() for p in ctx.params)
         new_state = {} if solved.square_avg is None else {"square_avg": solved.square_avg}
-        extras = {"selected": int(solved.flat.numel())} if cfg.masked else {}
+        extras = dict(solved.extras)
+        if cfg.masked:
+            extras["selected"] = int(solved.flat.numel())
         return Evaluation(
             out,
             rows,
@@ -255,17 +273,50 @@ class LocalEvaluator:
     ) -> tuple[_Solved, str]:
         """Directions of the paper's options: masks, "pre", variable rank, randomized."""
         cfg = ctx.config
-        if cfg.randomized and not cfg.needs_jacobian and primary.provides_gram:
-            try:
-                gram = primary.gram_matrix(rows, sel.solve_params, captured, output)
-                return self._nystrom(gram, rows, sel.solve_params, ctx), primary.name
-            except FallbackRequired as why:
-                ctx.warn_once(why.reason, fallback_message(primary.name, why.reason), 6)
+        params = sel.solve_params
+        if cfg.randomized and not cfg.needs_jacobian:
+            pays = _matfree_pays(rows, ctx)
+            if primary is not self.generic or pays:
+                try:
+                    return self._rank_k(primary, rows, params, ctx, captured, output), primary.name
+                except FallbackRequired as why:
+                    ctx.warn_once(why.reason, fallback_message(primary.name, why.reason), 6)
+                if pays:  # matrix-free on the generic backend too
+                    return self._rank_k(self.generic, rows, params, ctx, None, output), "generic"
         elif not (cfg.needs_jacobian or cfg.randomized):  # a tensor or row selection
-            direction, used = self.direction(primary, rows, ctx, captured, output, sel.solve_params)
+            direction, used = self.direction(primary, rows, ctx, captured, output, params)
             flat = torch.cat([d.reshape(-1) for d in direction.step])
             return _Solved(flat, direction.solution, direction.row_change), used
         return self._materialised(rows, sel, ctx), self.generic.name
+
+    def _rank_k(
+        self,
+        backend: Backend,
+        rows: Tensor,
+        params: list[Tensor],
+        ctx: StepContext,
+        captured: Any,
+        output: Any,
+    ) -> _Solved:
+        """Randomized rank-k solve: matrix-free (block products ``K V``) where the
+        backend declares it, else a Nystrom sketch of the formed K."""
+        cfg = ctx.config
+        if backend.provides_matfree:
+            assert cfg.rank is not None
+            d = backend.matfree_direction(
+                rows,
+                params,
+                ctx.filter,
+                captured,
+                output,
+                columns=cfg.rank + cfg.oversample,
+                power_iters=cfg.power_iters,
+                generator=ctx.generator,
+            )
+            flat = torch.cat([t.reshape(-1) for t in d.step])
+            return _Solved(flat, d.solution, d.row_change, extras=dict(d.extras))
+        gram = backend.gram_matrix(rows, params, captured, output)
+        return self._nystrom(gram, rows, params, ctx)
 
     def _nystrom(
         self, gram: Tensor, rows: Tensor, params: list[Tensor], ctx: StepContext

@@ -1,0 +1,263 @@
+"""Matrix-free rank-k Sven steps: K = J J^T only through block products (docs/design.md, "Rank-k steps").
+
+A :class:`JacobianOperator` gives three products of the Jacobian J (N, P) of the
+residual rows, never J or K themselves:
+
+* ``sketch(l)``: ``J Omega`` (N, l) for a random test block ``Omega`` (P, l) of the
+  operator's choosing (the factored backend uses Kronecker-structured columns
+  ``u w^T`` per Linear weight, which costs about one forward pass with l columns);
+* ``jt(V)``: ``J^T V`` for V (N, b), a *parameter block*: one tensor (b, *shape)
+  per parameter;
+* ``j(Z)``: ``J Z`` (N, b) for a parameter block Z.
+
+So ``K V = j(jt(V))`` is one block product (two weight-gradient-sized GEMMs per
+column for a Linear layer).
+
+:func:`range_finder` is the randomized range finder of Halko, Martinsson and
+Tropp (2011, alg. 4.3 / 4.4) on K in sample space:
+
+    Y = J Omega,  Q = orth(Y);   q times:  Q <- orth(K Q);   B = J^T Q   (P, l)
+
+and :func:`ritz_step` the Rayleigh-Ritz step on ``range(Q)``: with the small
+Gram ``Q^T K Q = B^T B = W diag(e) W^T`` (l, l), the Ritz values ``e_i`` (the
+estimated ``s_i^2``), the filter ``phi(s)/s = 1/(e + mu)`` on the kept ones and
+
+    c = Q W diag(1/(e + mu)) W^T Q^T r   (N,),      step = J^T c = B W diag(..) W^T Q^T r,
+
+so the update comes from the same block B with no further pass. When
+``range(Q)`` contains ``range(J)`` (``l >= rank(J)``) the Ritz pairs are the exact
+nonzero eigenpairs of K and the step equals the exact filtered step.
+
+Memory is O((N + P) l): Q (N, l) float64, B (l, P) in the model's dtype.
+The sketch's residual ``||(I - Q Q^T) J Omega'||_F / ||J Omega'||_F`` on a few
+extra probe columns ``Omega'`` estimates ``||(I - Q Q^T) J||_F / ||J||_F`` (the
+a-posteriori estimator of Halko et al., section 4.3).
+
+Data parallel (rows split over ranks): ``J^T V`` is a sum over ranks of the
+local ``J_r^T V_r`` (one all-reduce of the parameter block per ``jt``), ``j`` is
+local, and the small reductions (``Q^T Y``, Gram matrices of local row blocks)
+go through the same ``reduce`` callable; :func:`orthonormalize` uses Cholesky
+QR (twice) then, so that each orthonormalisation is one all-reduce of an
+(l, l) matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from .solve import SpectralFilter, gram_floor
+
+__all__ = [
+    "JacobianOperator",
+    "RangeSketch",
+    "RitzStep",
+    "block_combine",
+    "block_inner",
+    "dense_operator",
+    "gram_product",
+    "orthonormalize",
+    "range_finder",
+    "ritz_step",
+]
+
+_F64 = torch.float64
+#: A parameter block: one tensor (b, *shape) per parameter.
+ParamBlock = list[Tensor]
+Reduce = Callable[[Tensor], Tensor]
+
+
+class JacobianOperator(Protocol):
+    """Products with the Jacobian J (N, P) of N residual rows (see the module docstring)."""
+
+    rows: int
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        """``J Omega`` (N, columns) for a random test block Omega drawn from ``generator``."""
+        ...
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        """``J^T V`` per parameter (b, *shape) for V (N, b) float64."""
+        ...
+
+    def j(self, z: ParamBlock) -> Tensor:
+        """``J Z`` (N, b) for a parameter block Z (b, *shape) per parameter."""
+        ...
+
+
+def block_inner(z: ParamBlock) -> Tensor:
+    """``Z Z^T`` (b, b) float64 of a parameter block (summed over parameters)."""
+    out: Tensor | None = None
+    for t in z:
+        flat = t.reshape(t.shape[0], -1).to(_F64)
+        g = flat @ flat.mT
+        out = g if out is None else out + g
+    if out is None:
+        raise ValueError("block_inner needs at least one parameter")
+    return out
+
+
+def block_combine(z: ParamBlock, coeffs: Tensor) -> list[Tensor]:
+    """``sum_j coeffs_j Z_j`` per parameter (shape of one column), float64; coeffs (b,)."""
+    c = coeffs.to(_F64)
+    return [torch.tensordot(c, t.to(_F64), dims=1) for t in z]
+
+
+def gram_product(op: JacobianOperator, v: Tensor) -> Tensor:
+    """``K V = J (J^T V)`` (N, b) for V (N, b): one block product."""
+    return op.j(op.jt(v))
+
+
+def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
+    """Orthonormal basis Q (N, l) float64 with ``range(Y) <= range(Q)``.
+
+    One process: Householder QR. Rows split over ranks (``reduce`` sums over
+    ranks): shifted Cholesky QR twice, ``R^T R = Y^T Y + shift``, ``Q = Y R^{-1}``,
+    one all-reduce of an (l, l) matrix each time.
+    """
+    y = y.to(_F64)
+    if reduce is None:
+        return torch.linalg.qr(y, mode="reduced").Q
+    q = y
+    for _ in range(2):
+        gram = reduce(q.mT @ q)
+        shift = 1e-14 * float(torch.trace(gram)) + 1e-300
+        eye = torch.eye(gram.shape[0], dtype=_F64, device=gram.device)
+        chol = torch.linalg.cholesky(gram + shift * eye)
+        q = torch.linalg.solve_triangular(chol, q.mT, upper=False).mT
+    return q
+
+
+@dataclass(frozen=True)
+class RangeSketch:
+    """Outcome of :func:`range_finder`.
+
+    Attributes:
+        basis: Q (N, l) float64, orthonormal (over all ranks).
+        image: ``B = J^T Q`` per parameter (l, *shape), the operator's dtype.
+        residual: estimate of ``||(I - Q Q^T) J||_F / ||J||_F`` from the probes
+            (nan without probes).
+        products: number of ``jt`` / ``j`` block products used (sketch included).
+    """
+
+    basis: Tensor
+    image: ParamBlock
+    residual: float
+    products: int
+
+
+def range_finder(
+    op: JacobianOperator,
+    columns: int,
+    power_iters: int,
+    generator: torch.Generator,
+    probes: int = 4,
+    reduce: Reduce | None = None,
+) -> RangeSketch:
+    """Randomized range finder with ``power_iters`` power iterations on K (module docstring).
+
+    Args:
+        op: the Jacobian products.
+        columns: l, width of the sketch (rank + oversampling, at most N).
+        power_iters: q >= 0; each costs one block product ``K Q``.
+        generator: source of the test block (its state advances).
+        probes: extra test columns for the residual estimate.
+        reduce: sum over ranks for row-distributed Q (None: one process).
+    """
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    y = op.sketch(columns + probes, generator).to(_F64)
+    y, probe = y[:, :columns], y[:, columns:]
+    q = orthonormalize(y, reduce)
+    products = 1
+    for _ in range(power_iters):
+        q = orthonormalize(gram_product(op, q), reduce)
+        products += 2
+    image = op.jt(q)
+    products += 1
+    residual = float("nan")
+    if probes:
+        coef = q.mT @ probe
+        if reduce is not None:
+            coef = reduce(coef)
+        rest = probe - q @ coef
+        num, den = rest.square().sum(), probe.square().sum()
+        if reduce is not None:
+            both = reduce(torch.stack([num, den]))
+            num, den = both[0], both[1]
+        residual = float(torch.sqrt(num / den)) if float(den) > 0 else 0.0
+    return RangeSketch(q, image, residual, products)
+
+
+@dataclass(frozen=True)
+class RitzStep:
+    """Outcome of :func:`ritz_step`.
+
+    Attributes:
+        step: ``J^T c`` per parameter, float64, in each parameter's shape.
+        coefficients: c (N,) float64 (local rows).
+        singular_values: Ritz estimates ``sqrt(e_i)`` (l,) descending, float64 CPU.
+        kept: number of Ritz directions used.
+    """
+
+    step: list[Tensor]
+    coefficients: Tensor
+    singular_values: Tensor
+    kept: int
+
+
+def ritz_step(
+    sketch: RangeSketch,
+    rows: Tensor,
+    filt: SpectralFilter,
+    reduce: Reduce | None = None,
+) -> RitzStep:
+    """Filtered Rayleigh-Ritz step on ``range(Q)`` (module docstring).
+
+    ``rows`` r (N,); the filter's rank, rtol (relative to the largest Ritz
+    value), atol and damping act on the Ritz values; the Gram floor is that
+    of an (l, l) float64 eigh.
+    """
+    q, image = sketch.basis, sketch.image
+    rows64 = rows.to(_F64).reshape(-1, 1)
+    small = block_inner(image)  # Q^T K Q (l, l); J^T Q is already summed over ranks
+    evals, vecs = torch.linalg.eigh(0.5 * (small + small.mT))
+    evals, vecs = evals.flip(-1), vecs.flip(-1)
+    s = torch.sqrt(torch.clamp(evals, min=0.0))
+    weights, mask = filt.inverse_square(evals, gram_floor(evals.numel(), s[0]))
+    qr = q.mT @ rows64
+    if reduce is not None:
+        qr = reduce(qr)
+    coef_small = vecs @ (weights.unsqueeze(1) * (vecs.mT @ qr))  # (l, 1)
+    coef_small = coef_small.reshape(-1)
+    return RitzStep(
+        block_combine(image, coef_small),
+        q @ coef_small,
+        s.cpu(),
+        int(mask.sum()),
+    )
+
+
+def dense_operator(jac: Tensor) -> JacobianOperator:
+    """A :class:`JacobianOperator` on an explicit J (N, P) (tests, small problems)."""
+    return _DenseOperator(jac.to(_F64))
+
+
+class _DenseOperator:
+    def __init__(self, jac: Tensor) -> None:
+        self.jac = jac
+        self.rows = jac.shape[0]
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        omega = torch.randn(self.jac.shape[1], columns, generator=generator, dtype=_F64)
+        return self.jac @ omega.to(self.jac.device)
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        return [v.to(_F64).mT @ self.jac]
+
+    def j(self, z: Sequence[Tensor]) -> Tensor:
+        return self.jac @ z[0].mT

@@ -1,0 +1,231 @@
+"""Matrix-free rank-k steps (torchsven.matfree): K = J J^T only through block products.
+
+Every product is compared with the dense float64 Jacobian (tests/reference.py):
+per-layer ``J^T V`` / ``J Z`` of the factored backend, the autograd products of
+the generic backend, and whole steps with a sketch that spans range(J).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torchsven
+from torchsven.backends.factored import FactoredBackend, FactoredJacobian
+from torchsven.backends.generic import GenericBackend
+from torchsven.matfree import dense_operator, orthonormalize, range_finder, ritz_step
+from torchsven.solve import SpectralFilter
+
+from .cases import LAYER_CASES, layer_case, matrix_with_spectrum, mlp
+from .reference import dense_jacobian, flat, reference_step, rel_err
+
+TOL = 1e-10
+_F64 = torch.float64
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------ pure math
+@pytest.mark.parametrize("damping", [0.0, 1e-2])
+def test_ritz_step_with_full_sketch_equals_exact(damping):
+    """l >= rank(J): the Ritz pairs are K's nonzero eigenpairs, the step the exact one."""
+    s = [5.0, 3.0, 2.0, 1.0, 0.5, 0.2]
+    jac = matrix_with_spectrum(30, 20, s, seed=1)
+    r = torch.randn(30, generator=_gen(2), dtype=_F64)
+    for rank in (3, 6):
+        filt = SpectralFilter(rank=rank, rtol=1e-3, damping=damping)
+        sketch = range_finder(dense_operator(jac), 8, 0, _gen(3))
+        out = ritz_step(sketch, r, filt)
+        expected, kept, _ = reference_step(jac, r, rank=rank, damping=damping)
+        assert rel_err(out.step[0], expected) < TOL
+        assert out.kept == kept == rank
+        assert torch.allclose(out.singular_values[:6], torch.tensor(s, dtype=_F64), rtol=1e-12)
+        assert sketch.residual < 1e-12  # range(J) is captured
+        assert rel_err(jac.T @ out.coefficients, expected) < TOL
+
+
+def test_ritz_step_truncated_converges_with_power_iterations():
+    """A gap after s_4: with q power iterations the rank-4 step approaches the exact one."""
+    s = [10.0, 8.0, 6.0, 5.0] + [0.3 * 0.9**i for i in range(40)]
+    jac = matrix_with_spectrum(60, 50, s, seed=4)
+    r = torch.randn(60, generator=_gen(5), dtype=_F64)
+    expected, _, _ = reference_step(jac, r, rank=4)
+    errors, residuals = [], []
+    for q in (0, 1, 3):
+        sketch = range_finder(dense_operator(jac), 8, q, _gen(6))
+        out = ritz_step(sketch, r, SpectralFilter(rank=4))
+        errors.append(rel_err(out.step[0], expected))
+        residuals.append(sketch.residual)
+        assert out.kept == 4
+    assert errors[2] < errors[0] and errors[2] < 1e-4
+    # the residual estimate sees the unexplained tail ||s_tail|| / ||s|| (>= it, up to noise)
+    st = torch.tensor(s, dtype=_F64)
+    tail = float(st[8:].norm() / st.norm())
+    assert all(0.5 * tail < res < 3 * tail for res in residuals)
+
+
+def test_orthonormalize_cholesky_qr_spans_the_block():
+    """The collective form (Cholesky QR twice, ``reduce`` = identity on one process)."""
+    y = torch.randn(40, 6, generator=_gen(7), dtype=_F64) @ torch.diag(
+        torch.tensor([1.0, 1e-2, 1e-4, 1.0, 3.0, 1e-3], dtype=_F64)
+    )
+    for reduce in (None, lambda t: t):
+        q = orthonormalize(y, reduce)
+        assert torch.allclose(q.T @ q, torch.eye(6, dtype=_F64), atol=1e-12)
+        assert rel_err(q @ (q.T @ y), y) < 1e-12
+
+
+# -------------------------------------------------------- factored block products
+def _factored_products(case, seed: int = 0):
+    """(J^T V, J Z, sketch) from the factored operator and the dense reference J."""
+    backend = FactoredBackend(case.model)
+    params = case.params()
+    jac, _ = dense_jacobian(case.residuals, params)
+    with backend.capture(params) as captured, torch.enable_grad():
+        out = case.residuals()
+    n, p = jac.shape
+    v = torch.randn(n, 3, generator=_gen(seed), dtype=_F64)
+    z = torch.randn(3, p, generator=_gen(seed + 1), dtype=_F64)
+
+    def use(rows, params, contributions, layout):
+        op = FactoredJacobian(params, contributions, layout)
+        jt = torch.cat([t.reshape(3, -1).to(_F64) for t in op.jt(v)], dim=1)
+        blocks, offset = [], 0
+        for prm in params:
+            blocks.append(z[:, offset : offset + prm.numel()].reshape(3, *prm.shape))
+            offset += prm.numel()
+        jz = op.j(blocks)
+        sk = op.sketch(5, _gen(seed + 2))
+        return jt, jz, sk
+
+    jt, jz, sk = backend._with_factors(out.reshape(-1), params, captured, out, use)
+    return jac, v, z, jt, jz, sk
+
+
+@pytest.mark.parametrize("kind", LAYER_CASES)
+def test_factored_block_products_match_dense_jacobian(kind):
+    case = layer_case(kind)
+    jac, v, z, jt, jz, sk = _factored_products(case)
+    assert rel_err(jt, v.T @ jac) < TOL
+    assert rel_err(jz, jac @ z.T) < TOL
+    # the sketch lies in range(J): nothing left after projecting on range(J)
+    u, s, _ = torch.linalg.svd(jac, full_matrices=False)
+    u = u[:, s > 1e-10 * s[0]]
+    assert rel_err(u @ (u.T @ sk), sk) < 1e-10 and float(sk.norm()) > 0
+
+
+def test_factored_block_products_in_row_chunks(monkeypatch):
+    """Chunks of one row give the same products (the chunking is exact)."""
+    import torchsven.backends.layers as layers
+
+    case = layer_case("conv2d")
+    _, _, _, jt, jz, _ = _factored_products(case)
+    monkeypatch.setattr(layers, "BLOCK_CHUNK_ELEMS", 1)
+    _, _, _, jt1, jz1, _ = _factored_products(case)
+    assert rel_err(jt1, jt) < 1e-13 and rel_err(jz1, jz) < 1e-13
+
+
+# ------------------------------------------------------------------ whole steps
+@pytest.mark.parametrize("kind", ["linear-seq", "conv2d", "embedding", "transformer", "shared"])
+def test_factored_matfree_step_with_full_sketch_equals_exact(kind):
+    case, ref = layer_case(kind), layer_case(kind)
+    jac, r = dense_jacobian(ref.residuals, ref.params())
+    rank = min(jac.shape)
+    expected, kept, _ = reference_step(jac, r, rank=rank)
+    opt = torchsven.Sven(case.model, lr=1.0, rank=rank, randomized=True, oversample=4)
+    before = flat(case.params())
+    opt.step(case.residuals)
+    assert rel_err(before - flat(case.params()), expected) < TOL
+    info = opt.last_step
+    assert info.backend == "factored" and info.solver == "matfree" and info.kept == kept
+    assert info.extras["sketch_residual"] < 1e-9
+    assert info.extras["block_products"] == 1 + 2 * 2 + 1  # sketch, 2 power iterations, B
+
+
+def test_generic_matfree_step_with_full_sketch_equals_exact():
+    case = mlp(n=10, width=4)
+    jac, r = dense_jacobian(case.residuals, case.params())
+    expected, _, _ = reference_step(jac, r, rank=10, damping=1e-3)
+    rows = case.residuals().reshape(-1)
+    d = GenericBackend().matfree_direction(
+        rows,
+        case.params(),
+        SpectralFilter(rank=10, damping=1e-3),
+        columns=12,
+        power_iters=1,
+        generator=_gen(),
+    )
+    step = torch.cat([t.reshape(-1) for t in d.step])
+    assert rel_err(step, expected) < TOL
+    assert rel_err(d.row_change, jac @ expected) < TOL
+    assert d.solution.solver == "matfree"
+
+
+def test_generic_sven_goes_matrix_free_for_many_rows():
+    """backend='generic': N > 4 (q + 1) l rows use the autograd products (never J)."""
+    case, ref = mlp(n=40, width=2), mlp(n=40, width=2)  # P = 17 < N: rank(J) <= 17
+    jac, r = dense_jacobian(ref.residuals, ref.params())
+    expected, _, _ = reference_step(jac, r, rank=17)
+    opt = torchsven.Sven(
+        case.model, rank=4, randomized=True, oversample=4, power_iters=0, backend="generic"
+    )
+    assert 40 > 4 * 1 * 8
+    # rank 4 with 8 columns is not exact; check the full-range twin by a direct call
+    before = flat(case.params())
+    opt.step(case.residuals)
+    assert opt.last_step.solver == "matfree" and opt.last_step.kept == 4
+    assert float((before - flat(case.params())).norm()) > 0
+    d = GenericBackend().matfree_direction(
+        ref.residuals().reshape(-1),
+        ref.params(),
+        SpectralFilter(rank=17),
+        columns=17,
+        power_iters=0,
+        generator=_gen(),
+    )
+    assert rel_err(torch.cat([t.reshape(-1) for t in d.step]), expected) < 1e-9
+
+
+def test_float32_model_matches_float64_reference():
+    case, ref = mlp(n=12, width=6, dtype=torch.float32), mlp(n=12, width=6, dtype=torch.float32)
+    ref.model, ref.inputs = ref.model.double(), ref.inputs.double()
+    ref.targets = ref.targets.double()
+    jac, r = dense_jacobian(ref.residuals, ref.params())
+    expected, _, _ = reference_step(jac, r, rank=12, rtol=1e-3)
+    opt = torchsven.Sven(case.model, rank=12, randomized=True, oversample=2)
+    before = flat(case.params())
+    opt.step(case.residuals)
+    assert rel_err(before - flat(case.params()), expected) < 1e-3
+
+
+def test_truncated_step_decrease_and_spectrum_estimate():
+    """Rank 8 of a 64-row MLP: the linearised decrease of 0.5 ||r||^2 is >= 0.9x the
+    exact rank-8 step's, the Ritz values approximate the top singular values."""
+    case, ref = mlp(n=64, width=16, seed=3), mlp(n=64, width=16, seed=3)
+    jac, r = dense_jacobian(ref.residuals, ref.params())
+    exact, _, s = reference_step(jac, r, rank=8)
+
+    def decrease(step):
+        return 0.5 * float(r.square().sum() - (r - jac @ step).square().sum())
+
+    opt = torchsven.Sven(case.model, rank=8, randomized=True)
+    before = flat(case.params())
+    opt.step(case.residuals)
+    step = before - flat(case.params())
+    assert decrease(step) >= 0.9 * decrease(exact)
+    est = opt.last_step.singular_values[:8]
+    assert torch.all(est <= s[:8] * (1 + 1e-9))
+    assert rel_err(est[:3], s[:3]) < 1e-3
+    assert 0 <= opt.last_step.extras["sketch_residual"] < 1
+
+
+def test_adaptive_damping_with_matrix_free_steps():
+    case = mlp(n=32, width=8, seed=5)
+    opt = torchsven.Sven(case.model, rank=6, randomized=True, damping="adaptive")
+    first = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(5):
+        opt.step(case.residuals)
+    assert opt.last_step.solver == "matfree" and "sketch_residual" in opt.last_step.extras
+    assert 0.5 * float(case.residuals().detach().square().sum()) < first
