@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
 from ..masks import Selection
@@ -39,6 +40,13 @@ from ..matfree import ParamBlock, range_finder, ritz_step
 from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
 from .assembly import GramAssembly
 from .base import Backend, Direction, FallbackRequired, check_finite
+from .broadcast import (
+    BroadcastLeaf,
+    is_broadcast_call,
+    per_sample_call,
+    sample_like,
+    watch_consumers,
+)
 from .layers import (
     EmbeddingTerm,
     GenericTerm,
@@ -418,14 +426,8 @@ class FactoredBackend(Backend):
                     raise FallbackRequired(
                         f"an input of module '{call.name}' was modified in place after the call"
                     )
-            if call.kind != "generic":
-                x = call.args[0] if call.args else None
-                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != layout.samples:
-                    shape = tuple(x.shape) if isinstance(x, Tensor) else None
-                    raise FallbackRequired(
-                        f"module '{call.name}' was called on input of shape {shape}, not "
-                        f"batch-first with {layout.samples} samples"
-                    )
+            if call.kind != "generic" and not (call.args and isinstance(call.args[0], Tensor)):
+                raise FallbackRequired(f"module '{call.name}' was called without a tensor input")
 
     def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
         calls = []
@@ -435,6 +437,39 @@ class FactoredBackend(Backend):
             calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
+
+    def _watch_broadcast(
+        self, rows: Tensor, recorder: Recorder, layout: RowLayout
+    ) -> list[BroadcastLeaf]:
+        """Hook the consumers of outputs of calls broadcast over the batch (broadcast.py)."""
+        calls = [
+            c for c in recorder.calls if is_broadcast_call(c.kind, c.args, c.kwargs, layout.samples)
+        ]
+        for call in calls:
+            leaves, _ = tree_flatten((call.args, call.kwargs))
+            if any(isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in leaves):
+                raise FallbackRequired(
+                    f"module '{call.name}' was called inside a torch.func transform"
+                )
+        leaves = [(c, index, y, c.name) for c in calls for index, y in enumerate(c.out_leaves)]
+        if not leaves:
+            return []
+
+        def recording() -> int | None:
+            return recorder.pass_index if recorder.armed else None
+
+        try:
+            records, handles = watch_consumers(
+                rows, leaves, layout.samples, layout.outputs, recording
+            )
+        except FallbackRequired:
+            raise
+        except Exception as exc:  # an autograd graph the walk cannot read
+            raise FallbackRequired(
+                f"cannot follow a call broadcast over the batch ({exc})"
+            ) from exc
+        recorder._tensor_handles.extend(handles)
+        return records
 
     def _backward(self, rows: Tensor, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(
@@ -605,7 +640,9 @@ class FactoredBackend(Backend):
             raise FallbackRequired(known)
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         try:
+            broadcast = self._watch_broadcast(rows, recorder, layout)
             ones_grads = self._capture_backward(rows, params, recorder, layout)
+            _to_samples(broadcast, layout.samples)
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
@@ -666,6 +703,26 @@ class FactoredBackend(Backend):
 def _least_precise(*dtypes: torch.dtype) -> torch.dtype:
     """The floating dtype with the largest machine epsilon among ``dtypes``."""
     return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def _to_samples(records: list[BroadcastLeaf], samples: int) -> None:
+    """Rewrite broadcast calls as batched calls: expanded input, per-sample output gradients.
+
+    Layer rules get ``x`` expanded to the S samples and gradients (S, *per-sample
+    shape); torch.func calls keep their arguments and get gradients (S, *y.shape).
+    """
+    for record in records:
+        call = record.call
+        y = call.out_leaves[record.index]
+        if call.kind == "generic":
+            call.grads[record.index] = [
+                None if g is None else g.reshape(samples, *y.shape) for g in record.grads
+            ]
+            call.out_leaves[record.index] = y.unsqueeze(0).expand(samples, *y.shape)
+        else:
+            call.args = per_sample_call(call.kind, call.args, record, samples)
+            call.grads[record.index] = list(record.grads)
+            call.out_leaves[record.index] = sample_like(record, y, samples)
 
 
 def _is_rms(module: nn.Module) -> bool:

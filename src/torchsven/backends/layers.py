@@ -263,6 +263,12 @@ class LinearLikeTerm(Term):
         return out
 
     def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        if name == self.bias_name:
+            # bound over positions before their sum: a bias whose gradient cancels over
+            # positions (a key bias under softmax) is rounding noise of this scale
+            value = self.weighted([name], w)[name].to(_F64).reshape(-1)
+            norms = self.g.to(_F64).norm(dim=-1).sum(dim=(1, 2))
+            return Sketch(value, float((w.abs() * norms).sum()))
         if name != self.weight_name or probe is None:
             return super().sketch(name, w, probe)
         rows, _, groups, dk = self.a.shape
@@ -549,8 +555,9 @@ def _vmap_rows(
     batched = [
         isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == layout.samples for t in leaves
     ]
-    if not any(batched):
-        raise TermError("no input has the batch (rows') size in dim 0")
+    # No batched input: a call broadcast over the batch, whose output gradients the
+    # backend read per sample (S, *y.shape) from the output's consumers (broadcast.py).
+    broadcast = not any(batched)
     in_leaves = [
         layout.to_rows(t.detach()) if b else (t.detach() if isinstance(t, Tensor) else t)
         for t, b in zip(leaves, batched, strict=True)
@@ -560,6 +567,10 @@ def _vmap_rows(
     t_dims = [0 if batched[i] else None for i in tensor_slots]
     used = [k for k, gp in enumerate(g_passes) if any(g is not None for g in gp)]
     gs = [layout.grads_to_rows(g_passes[k], out_leaves[k]) for k in used]
+    if broadcast:
+        if any(g.shape[2:] != out_leaves[k].shape[1:] for k, g in zip(used, gs, strict=True)):
+            raise TermError("no input has the batch (rows') size in dim 0")
+        gs = [g.sum(dim=1) for g in gs]  # the row's samples share the one output
     n_out = len(out_leaves)
     pvals = {n: params[n].detach() for n in names}
 
