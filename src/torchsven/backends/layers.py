@@ -1,4 +1,4 @@
-"""Per-layer factors of the factored Gram backend (DESIGN.md section 3).
+"""Per-layer factors of the factored Gram backend (docs/design.md, "Backends").
 
 A *layer term* turns what hooks saw during one module's call(s) (inputs ``x``
 and output gradients ``g`` of the backward of ``sum(rows)``) into
@@ -185,7 +185,9 @@ class LinearLikeTerm(Term):
         bias_name: str | None,
         ghost: str | bool = "auto",
     ) -> None:
-        self.a, self.g = a, g
+        # autocast: the input may be float32 while the output gradient is bfloat16
+        dtype = torch.promote_types(a.dtype, g.dtype)
+        self.a, self.g = a.to(dtype), g.to(dtype)
         self.params = params
         self.weight_name, self.bias_name = weight_name, bias_name
         rows, positions, groups, dk = a.shape
@@ -717,7 +719,7 @@ def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
 
 
 # --------------------------------------------------------------------------- block products
-# The matrix-free rank-k path (:mod:`torchsven.matfree`, DESIGN.md section 13) needs
+# The matrix-free rank-k path (:mod:`torchsven.matfree`, docs/design.md "Rank-k steps") needs
 # ``J_l^T V`` (V (R, b)) and ``J_l Z`` (Z (b, *shape) per parameter) of each term,
 # computed from its factors in row chunks, never the per-row gradients of a Linear,
 # Conv or Embedding layer. Terms without a factor rule here use their per-row
