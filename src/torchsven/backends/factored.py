@@ -1,6 +1,6 @@
 """Factored Gram backend: ``K = J J^T`` from per-layer hook factors, never J.
 
-One step (DESIGN.md sections 2 and 3):
+One step (docs/design.md, "Backends"):
 
 1. ``capture``: forward hooks on the model's modules record each call's inputs
    and put a tensor hook on its outputs (robust to in-place ops after the layer).
@@ -42,9 +42,11 @@ from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
 from ..errors import NonFiniteError
+from ..masks import Selection
 from ..matfree import ParamBlock, range_finder, ritz_step
-from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
-from .base import Backend, Direction, FallbackRequired, check_finite
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
+from .assembly import GramAssembly
+from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
 from .broadcast import (
     BroadcastLeaf,
     is_broadcast_call,
@@ -53,6 +55,7 @@ from .broadcast import (
     watch_consumers,
 )
 from .layers import (
+    ChannelBiasLinearTerm,
     EmbeddingTerm,
     GenericTerm,
     LinearLikeTerm,
@@ -63,6 +66,7 @@ from .layers import (
     block_j,
     block_jt,
     block_sketch,
+    channel_bias_mask,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -117,6 +121,21 @@ class Call:
     shapes: tuple = ()  # shapes of the tensor inputs (structure signature)
     out_leaves: list[Tensor] = field(default_factory=list)
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+    #: Linear on channels (S, C, d_in) with its bias only where the mask (C,) holds
+    #: (:func:`torchsven.backends.layers.bias_on_channels`); None: bias everywhere.
+    bias_mask: tuple[bool, ...] | None = None
+    #: the autocast dtype the call ran under (its Linear/Conv inputs are cast to it)
+    autocast: torch.dtype | None = None
+    #: output rows (Linear features / Conv channels) whose weight rows are solved for
+    #: (``mask="rows"``: the covered tensors are the selection's leaves), or None
+    out_rows: Tensor | None = None
+
+    def input(self) -> Any:
+        """The first input as the module's kernel saw it (autocast's cast applied)."""
+        x = self.args[0] if self.args else None
+        if self.autocast is not None and isinstance(x, Tensor) and x.is_floating_point():
+            return x.to(self.autocast)
+        return x
 
 
 @dataclass(frozen=True)
@@ -134,6 +153,7 @@ class _Plan:
     batchnorms: tuple[tuple[str, nn.Module], ...]
     marked: tuple[str, ...]  # names of modules marked as coupling samples
     param_names: dict[int, str]  # id(param) -> qualified name (messages)
+    module_names: dict[int, str]  # id(module) -> qualified name (every module)
 
     @classmethod
     def build(
@@ -143,9 +163,11 @@ class _Plan:
         names: dict[int, str] = {}
         owned: dict[int, dict[str, Tensor]] = {}
         subtree: dict[int, dict[str, Tensor]] = {}
+        module_names: dict[int, str] = {}
         batchnorms, marked, modules = [], [], []
         for name, module in model.named_modules():
             modules.append(module)
+            module_names[id(module)] = name
             sub = {n: p for n, p in module.named_parameters() if id(p) in trainable}
             if sub:
                 names[id(module)] = name
@@ -169,6 +191,7 @@ class _Plan:
             tuple(batchnorms),
             tuple(marked),
             param_names,
+            module_names,
         )
 
 
@@ -176,7 +199,11 @@ class Recorder:
     """Hooks of one step: forward (pre-)hooks on modules, tensor hooks on outputs."""
 
     def __init__(
-        self, model: nn.Module, params: Sequence[Tensor], plan: _Plan | None = None
+        self,
+        model: nn.Module,
+        params: Sequence[Tensor],
+        selection: Selection | None = None,
+        plan: _Plan | None = None,
     ) -> None:
         self.model = model
         self.plan = _Plan.build(model, params, ()) if plan is None else plan
@@ -193,6 +220,20 @@ class Recorder:
         self._names = self.plan.names
         self._owned = self.plan.owned
         self._subtree = self.plan.subtree
+        # mask="rows": a masked layer's solved-for tensors are the leaves W[S], b[S]
+        self._out_rows: dict[int, Tensor] = {}
+        if selection is not None:  # per step: copies, the plan stays as it was
+            self._names, self._owned = dict(self._names), dict(self._owned)
+            self._subtree = dict(self._subtree)
+            names = self.plan.module_names
+            for layer, (weight, bias), out_rows in zip(
+                selection.row_layers, selection.row_leaves, selection.row_index, strict=True
+            ):
+                key = id(layer.module)
+                owned = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+                self._names[key] = names.get(key, "?")
+                self._owned[key] = self._subtree[key] = owned
+                self._out_rows[key] = out_rows
 
     # ------------------------------------------------------------- install
     def install(self) -> None:
@@ -252,6 +293,12 @@ class Recorder:
             versions = [(t, t._version) for t in tensors]
             shapes = tuple(tuple(t.shape) for t in tensors)
             call = Call(module, self._names[key], kind, args, kwargs, covers, versions, shapes)
+            call.out_rows = self._out_rows.get(key)
+            device = next(iter(covers.values())).device.type
+            if kind in ("linear", "conv") and torch.is_autocast_enabled(device):
+                call.autocast = torch.get_autocast_dtype(device)
+            if kind == "linear":
+                call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -346,6 +393,8 @@ class FactoredBackend(Backend):
     """
 
     name = "factored"
+    provides_gram = True
+    provides_matfree = True
 
     def __init__(
         self,
@@ -382,8 +431,10 @@ class FactoredBackend(Backend):
         return self._plan_cache[1]
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Recorder]:
-        recorder = Recorder(self.model, params, self._plan(params))
+    def capture(
+        self, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> Iterator[Recorder]:
+        recorder = Recorder(self.model, params, selection, self._plan(params))
         recorder.install()
         try:
             yield recorder
@@ -511,7 +562,9 @@ class FactoredBackend(Backend):
                 raise FallbackRequired(f"module '{call.name}' was called without a tensor input")
 
     def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
-        calls = tuple((c.name, c.kind, c.shapes, tuple(sorted(c.covers))) for c in recorder.calls)
+        calls = tuple(
+            (c.name, c.kind, c.shapes, tuple(sorted(c.covers)), c.bias_mask) for c in recorder.calls
+        )
         flags = tuple(m.training for m in recorder.plan.modules)
         return (layout, calls, flags, tuple(map(id, params)))
 
@@ -555,7 +608,7 @@ class FactoredBackend(Backend):
         return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
 
     def _capture_backward(
-        self, rows: Tensor, inputs: list[Tensor], recorder: Recorder, layout: RowLayout
+        self, rows: Tensor, params: list[Tensor], recorder: Recorder, layout: RowLayout
     ) -> list[Tensor]:
         """Output gradients into the recorder; returns autograd's ``J^T 1`` per input."""
         m = layout.outputs
@@ -573,7 +626,7 @@ class FactoredBackend(Backend):
                 weights = torch.zeros(layout.samples, m, dtype=rows.dtype, device=rows.device)
                 weights[:, j] = 1
                 weights = weights.reshape(-1)
-            grads = self._backward(rows, inputs, weights)
+            grads = self._backward(rows, params, weights)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
         recorder.active = recorder.armed = False
         assert total is not None
@@ -643,12 +696,19 @@ class FactoredBackend(Backend):
         bias = "bias" if "bias" in covers else None
         if first.kind in ("linear", "conv"):
             parts = [
-                linear_factors(c.args[0], layout, gp, o)
+                linear_factors(c.input(), layout, gp, o)
                 if first.kind == "linear"
-                else conv_factors(module, c.args[0], layout, gp, o)
+                else conv_factors(module, c.input(), layout, gp, o)
                 for c, gp, o in zip(calls, passes, outs, strict=True)
             ]
             a, g = _cat_parts(parts, 0), _cat_parts(parts, 1)
+            if first.out_rows is not None:  # mask="rows": the chosen output rows only
+                g = g[..., first.out_rows.to(g.device)]
+            if bias is not None and any(c.bias_mask is not None for c in calls):
+                mask = torch.cat(
+                    [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
+                ).to(a.device)
+                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -683,6 +743,7 @@ class FactoredBackend(Backend):
         weights: Tensor,
         what: str,
         generator: torch.Generator,
+        precision: torch.dtype,
     ) -> None:
         """Factors' ``J^T w`` against autograd's, per parameter; FallbackRequired on mismatch.
 
@@ -723,7 +784,6 @@ class FactoredBackend(Backend):
             stats.append(torch.stack([finite, err, scale]))
         if not stats:
             return
-        tol = dtype_tolerance(params[0].dtype, weights.numel() * 64)
         for (p, module_name), (finite, err, scale) in zip(
             labels, torch.stack(stats).cpu().tolist(), strict=True
         ):
@@ -739,6 +799,7 @@ class FactoredBackend(Backend):
                     "the Jacobian of the residual rows contains NaN or Inf; the step was not "
                     "taken and nothing was changed"
                 )
+            tol = dtype_tolerance(_least_precise(p.dtype, precision), weights.numel() * 64)
             if not err <= tol * scale:
                 raise FallbackRequired(
                     f"{what}: the hooks on module '{module_name}' do not reproduce autograd's "
@@ -779,13 +840,26 @@ class FactoredBackend(Backend):
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
-            self._check(contributions, checked, names, ones_grads, ones, "J^T 1", generator)
+            # the guard's tolerance: the least precise dtype the layers computed in
+            precision = _least_precise(
+                rows.dtype, *(c.autocast for c in recorder.calls if c.autocast is not None)
+            )
+            self._check(
+                contributions, checked, names, ones_grads, ones, "J^T 1", generator, precision
+            )
             if full:
                 self.probes += 1
                 v = torch.randn(layout.rows, generator=generator, dtype=_F64).to(rows.device)
                 probe_grads = self._backward(rows, params, v.to(rows.dtype))
                 self._check(
-                    contributions, params, names, probe_grads, v, "random probe J^T v", generator
+                    contributions,
+                    params,
+                    names,
+                    probe_grads,
+                    v,
+                    "random probe J^T v",
+                    generator,
+                    precision,
                 )
         except FallbackRequired as why:
             self._remember(signature, why.reason)
@@ -805,28 +879,31 @@ class FactoredBackend(Backend):
         params: list[Tensor],
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """K (R, R) float64 and the materialised per-row gradients of shared parameters."""
-        gram = torch.zeros(layout.rows, layout.rows, dtype=_F64, device=rows.device)
-        by_term: dict[int, tuple[Term, list[str]]] = {}
-        shared: list[list[tuple[Term, str, str]]] = []
+    ) -> tuple[Tensor, GramAssembly]:
+        """K (R, R) float64 and the assembly that formed it (for ``J^T c``)."""
+        assembly = GramAssembly.of(contributions, params)
+        gram = assembly.gram(layout.rows, rows.device)
+        check_finite(gram, "the Gram matrix of the residual rows")
+        return gram, assembly
+
+    def _jacobian(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Tensor:
+        """J (R, P) float64 assembled from the terms' per-row gradients."""
+        columns = []
         for p in params:
             contribs = contributions.get(id(p), [])
-            if len(contribs) == 1:
-                term, name, _ = contribs[0]
-                by_term.setdefault(id(term), (term, []))[1].append(name)
-            elif contribs:
-                shared.append(contribs)
-        for term, term_names in by_term.values():
-            gram += term.gram(term_names)
-        shared_rows = []
-        for contribs in shared:
+            if not contribs:
+                columns.append(torch.zeros(layout.rows, p.numel(), dtype=_F64, device=p.device))
+                continue
             per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
-            per_row = per_row.reshape(layout.rows, -1)
-            shared_rows.append(per_row)
-            gram += per_row @ per_row.mT
-        check_finite(gram, "the Gram matrix of the residual rows")
-        return gram, shared_rows
+            columns.append(per_row.reshape(layout.rows, -1))
+        jac = torch.cat(columns, dim=1)
+        check_finite(jac, "the Jacobian of the residual rows")
+        return jac
 
     def _solve(
         self,
@@ -836,21 +913,40 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
-        gram, shared_rows = self._gram(rows, params, contributions, layout)
-        rows64 = rows.detach().to(_F64)
-        coeffs, solution = gram_coefficients(gram, rows64, filt)
-        step: list[Tensor] = []
-        shared_iter = iter(shared_rows)
-        for p in params:
-            contribs = contributions.get(id(p), [])
-            if not contribs:
-                step.append(torch.zeros(p.shape, dtype=_F64, device=p.device))
-            elif len(contribs) == 1:
-                term, name, _ = contribs[0]
-                step.append(term.weighted([name], coeffs)[name].to(_F64).reshape(p.shape))
-            else:
-                step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
+        if sum(p.numel() for p in params) < layout.rows:
+            # Fewer parameters than rows (small PINNs on many points): J itself is
+            # smaller than K; materialise it from the factors and solve as the
+            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            jac = self._jacobian(params, contributions, layout)
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
+        gram, assembly = self._gram(rows, params, contributions, layout)
+        coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
+        step = assembly.transpose_product(params, coeffs)
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _bias_positions(call: Call, positions: int) -> Tensor:
+    """(positions,) 1/0: where a Linear call's bias enters, over its row-batched positions.
+
+    A call marked with a channel mask (C,) on input (S, C, d_in) repeats the mask
+    for each of the row's samples; an unmarked call has its bias everywhere.
+    """
+    if call.bias_mask is None:
+        return torch.ones(positions, dtype=torch.float64)
+    x = call.args[0]
+    channels = len(call.bias_mask)
+    if x.dim() != 3 or x.shape[1] != channels or positions % channels:
+        raise TermError(
+            f"marked with a bias mask over {channels} channels but called on input of "
+            f"shape {tuple(x.shape)} (expected (samples, {channels}, features))"
+        )
+    return torch.tensor(call.bias_mask, dtype=torch.float64).repeat(positions // channels)
+
+
+def _least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon among ``dtypes``."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def _cat_parts(parts: list[tuple[Tensor, Tensor]], which: int) -> Tensor:
