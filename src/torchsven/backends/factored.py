@@ -129,6 +129,9 @@ class Call:
     #: output rows (Linear features / Conv channels) whose weight rows are solved for
     #: (``mask="rows"``: the covered tensors are the selection's leaves), or None
     out_rows: Tensor | None = None
+    #: a Linear/Conv call whose output's autograd node reads its trainable bias (so a
+    #: backward that asks for the bias passes through the output and its hook)
+    bias_inside: bool = False
 
     def input(self) -> Any:
         """The first input as the module's kernel saw it (autocast's cast applied)."""
@@ -300,6 +303,9 @@ class Recorder:
             if kind == "linear":
                 call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
+            if kind in ("linear", "conv") and "bias" in covers:
+                first = next((t for t in out_leaves if isinstance(t, Tensor)), None)
+                call.bias_inside = first is not None and _reads(first.grad_fn, covers["bias"])
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
                     index = len(call.out_leaves)
@@ -371,6 +377,21 @@ def graph_fingerprint(root: Any, params: Sequence[Tensor]) -> tuple[tuple, tuple
             if i is not None and i >= 0:
                 uses[i] += 1
     return tuple(out), tuple(uses)
+
+
+def _reads(node: Any, target: Tensor, max_nodes: int = 16) -> bool:
+    """Whether the autograd graph below ``node`` reads the leaf ``target`` within a few
+    nodes (a Linear/Conv output's node and the bias it adds: one to three nodes)."""
+    queue, head = [node], 0
+    while head < len(queue) and head < max_nodes:
+        current = queue[head]
+        head += 1
+        if current is None:
+            continue
+        if getattr(current, "variable", None) is target:
+            return True
+        queue.extend(child for child, _ in current.next_functions)
+    return False
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -637,7 +658,8 @@ class FactoredBackend(Backend):
         """``params`` less the weights that only Linear/Conv calls with a trainable bias read.
 
         Asking autograd for such a layer's bias still runs the backward through
-        the layer's output (so its tensor hook sees the output gradient), but
+        the layer's output (so its tensor hook sees the output gradient; checked
+        when the call ran: the output's autograd node reads the bias), but
         skips the weight-gradient product ``G^T X``, the costliest part of a
         backward. A weight is skipped only when the autograd graph reads it
         exactly once per hooked call (``uses`` from :func:`graph_fingerprint`):
@@ -651,7 +673,7 @@ class FactoredBackend(Backend):
         skippable: dict[int, bool] = {}
         calls_of: dict[int, int] = {}
         for c in recorder.calls:
-            with_bias = c.kind in ("linear", "conv") and "bias" in c.covers
+            with_bias = c.kind in ("linear", "conv") and "bias" in c.covers and c.bias_inside
             for name, p in c.covers.items():
                 ok = with_bias and name == "weight"
                 skippable[id(p)] = skippable.get(id(p), True) and ok
