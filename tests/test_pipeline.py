@@ -18,7 +18,7 @@ import torchsven
 from torchsven.problems import mgh
 
 from .cases import mlp
-from .reference import flat, rel_err
+from .reference import dense_jacobian, flat, rel_err
 
 SRC = Path(torchsven.__file__).resolve().parent
 
@@ -361,3 +361,13 @@ def test_row_mask_runs_on_the_factored_backend_and_matches_generic(kind):
             moved = int((flat(model.parameters()) != before).sum())
             assert 0 < moved <= fast.last_step.extras["selected"]
     assert rel_err(flat(model.parameters()), flat(twin.parameters())) <= 1e-9
+
+
+def test_gradient_norm_from_the_spectral_factors():
+    case = mlp(n=10, width=5)
+    jac, rows = dense_jacobian(case.residuals, case.params())
+    for backend in ("generic", "factored"):
+        opt = torchsven.Sven(case.model, lr=0.0 + 1e-30, backend=backend)
+        opt.step(case.residuals)
+        expected = float((jac.T @ rows).norm())
+        assert abs(opt.last_step.extras["gradient_norm"] - expected) <= 1e-10 * expected
