@@ -163,7 +163,7 @@ def test_predicted_reductions_are_never_negative_on_meyer():
     x = torch.tensor([2.0, 4e5, 2.5e4], dtype=torch.float64, requires_grad=True)
     opt = torchsven.Sven([x], damping="adaptive", backend="generic")
     rejected_as_useless = 0
-    for _ in range(60):
+    for _ in range(250):  # torchsven 0.1.0 predicted a negative reduction at step 186
         opt.step(lambda: mgh.meyer(x))
         extras = opt.last_step.extras
         assert extras["predicted_reduction"] >= 0
