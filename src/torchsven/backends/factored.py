@@ -37,9 +37,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..masks import Selection
 from ..matfree import ParamBlock, range_finder, ritz_step
-from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
 from .assembly import GramAssembly
-from .base import Backend, Direction, FallbackRequired, check_finite
+from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
 from .broadcast import (
     BroadcastLeaf,
     is_broadcast_call,
@@ -48,6 +48,7 @@ from .broadcast import (
     watch_consumers,
 )
 from .layers import (
+    ChannelBiasLinearTerm,
     EmbeddingTerm,
     GenericTerm,
     LinearLikeTerm,
@@ -58,6 +59,7 @@ from .layers import (
     block_j,
     block_jt,
     block_sketch,
+    channel_bias_mask,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -109,6 +111,9 @@ class Call:
     versions: list[tuple[Tensor, int]]
     out_leaves: list[Tensor] = field(default_factory=list)
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+    #: Linear on channels (S, C, d_in) with its bias only where the mask (C,) holds
+    #: (:func:`torchsven.backends.layers.bias_on_channels`); None: bias everywhere.
+    bias_mask: tuple[bool, ...] | None = None
     #: the autocast dtype the call ran under (its Linear/Conv inputs are cast to it)
     autocast: torch.dtype | None = None
     #: output rows (Linear features / Conv channels) whose weight rows are solved for
@@ -225,6 +230,8 @@ class Recorder:
             device = next(iter(covers.values())).device.type
             if kind in ("linear", "conv") and torch.is_autocast_enabled(device):
                 call.autocast = torch.get_autocast_dtype(device)
+            if kind == "linear":
+                call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -434,7 +441,7 @@ class FactoredBackend(Backend):
         for c in recorder.calls:
             leaves, _ = tree_flatten((c.args, c.kwargs))
             shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor))
-            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
+            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers)), c.bias_mask))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
 
@@ -545,6 +552,11 @@ class FactoredBackend(Backend):
             g = torch.cat([p[1] for p in parts], dim=1)
             if first.out_rows is not None:  # mask="rows": the chosen output rows only
                 g = g[..., first.out_rows.to(g.device)]
+            if bias is not None and any(c.bias_mask is not None for c in calls):
+                mask = torch.cat(
+                    [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
+                ).to(a.device)
+                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -686,6 +698,25 @@ class FactoredBackend(Backend):
         check_finite(gram, "the Gram matrix of the residual rows")
         return gram, assembly
 
+    def _jacobian(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Tensor:
+        """J (R, P) float64 assembled from the terms' per-row gradients."""
+        columns = []
+        for p in params:
+            contribs = contributions.get(id(p), [])
+            if not contribs:
+                columns.append(torch.zeros(layout.rows, p.numel(), dtype=_F64, device=p.device))
+                continue
+            per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
+            columns.append(per_row.reshape(layout.rows, -1))
+        jac = torch.cat(columns, dim=1)
+        check_finite(jac, "the Jacobian of the residual rows")
+        return jac
+
     def _solve(
         self,
         rows: Tensor,
@@ -694,10 +725,35 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
+        if sum(p.numel() for p in params) < layout.rows:
+            # Fewer parameters than rows (small PINNs on many points): J itself is
+            # smaller than K; materialise it from the factors and solve as the
+            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            jac = self._jacobian(params, contributions, layout)
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
         gram, assembly = self._gram(rows, params, contributions, layout)
         coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
         step = assembly.transpose_product(params, coeffs)
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _bias_positions(call: Call, positions: int) -> Tensor:
+    """(positions,) 1/0: where a Linear call's bias enters, over its row-batched positions.
+
+    A call marked with a channel mask (C,) on input (S, C, d_in) repeats the mask
+    for each of the row's samples; an unmarked call has its bias everywhere.
+    """
+    if call.bias_mask is None:
+        return torch.ones(positions, dtype=torch.float64)
+    x = call.args[0]
+    channels = len(call.bias_mask)
+    if x.dim() != 3 or x.shape[1] != channels or positions % channels:
+        raise TermError(
+            f"marked with a bias mask over {channels} channels but called on input of "
+            f"shape {tuple(x.shape)} (expected (samples, {channels}, features))"
+        )
+    return torch.tensor(call.bias_mask, dtype=torch.float64).repeat(positions // channels)
 
 
 def _least_precise(*dtypes: torch.dtype) -> torch.dtype:
