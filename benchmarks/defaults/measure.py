@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -103,6 +104,44 @@ def measure(
     return runs
 
 
+_LINE = re.compile(
+    r"^(?P<task>\S+)\s+seed (?P<seed>\d+) (?P<candidate>\S+)\s+(?P<status>ok|diverged)\s+"
+    r"best (?P<best>\S+) final (?P<final>\S+) (?P<steps>\d+) steps "
+    r"(?P<time>[\d.]+) s\s*(?P<msg>.*)$"
+)
+
+
+def runs_from_log(path: str) -> list[dict[str, Any]]:
+    """Runs recovered from the progress lines of a part stopped before it wrote its JSON
+    (task, seed, candidate, status, best/final validation metric, steps, training time)."""
+
+    def number(text: str) -> float:
+        return math.nan if text == "-" else float(text)
+
+    runs = []
+    with open(path) as f:
+        for line in f:
+            m = _LINE.match(line.rstrip("\n"))
+            if m is None:
+                continue
+            runs.append(
+                {
+                    "task": m["task"],
+                    "candidate": m["candidate"],
+                    "kwargs": CANDIDATES.get(m["candidate"]),
+                    "seed": int(m["seed"]),
+                    "status": m["status"],
+                    "message": m["msg"].strip(),
+                    "best_val": number(m["best"]),
+                    "final_val": number(m["final"]),
+                    "steps": int(m["steps"]),
+                    "train_time": float(m["time"]),
+                    "recovered_from_log": path,
+                }
+            )
+    return runs
+
+
 def _median(values: list[float]) -> float:
     finite = [v for v in values if v is not None and math.isfinite(v)]
     return statistics.median(finite) if finite else math.nan
@@ -131,7 +170,12 @@ def summarise(runs: list[dict[str, Any]], reach: float) -> dict[str, Any]:
         finite = [v for v in finite if math.isfinite(v)]
         best = min(finite) if finite else math.nan
         for v in table[t].values():
-            v["ratio_to_best"] = v["best_val"] / best if best and math.isfinite(best) else math.nan
+            if not math.isfinite(best) or not math.isfinite(v["best_val"]):
+                v["ratio_to_best"] = math.nan
+            elif best == 0:  # a zero-residual fit solved exactly
+                v["ratio_to_best"] = 1.0 if v["best_val"] == 0 else math.inf
+            else:
+                v["ratio_to_best"] = v["best_val"] / best
             v["within_reach"] = bool(
                 v["diverged"] == 0
                 and math.isfinite(v["ratio_to_best"])
@@ -228,11 +272,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         parts = []
         for path in args.merge:
+            if path.endswith(".log"):  # a part stopped early: its progress lines
+                runs = runs_from_log(path)
+                note = f"{len(runs)} runs recovered from the log {os.path.basename(path)}"
+                parts.append({"environment": {}, "commands": [note], "loads": [], "runs": runs})
+                continue
             with open(path) as f:
                 parts.append(json.load(f))
         runs = [r for part in parts for r in part["runs"]]
         doc = {
-            "environment": parts[0]["environment"],
+            "environment": next((p["environment"] for p in parts if p["environment"]), {}),
             "commands": [c for part in parts for c in part["commands"]],
             "loads": [x for part in parts for x in part["loads"]],
             "runs": runs,

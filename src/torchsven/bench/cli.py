@@ -103,8 +103,8 @@ def _run_parser() -> argparse.ArgumentParser:
 def epoch_overrides(spec: str | None, tasks: Sequence[Any]) -> dict[Any, int]:
     """``--epochs 'a=5,mgh-*=50'`` -> {task: epochs} for the selected tasks it names.
 
-    Raises ValueError for a malformed item, epochs < 1, or a pattern that matches none
-    of the selected tasks.
+    Later items override earlier ones. Raises ValueError for a malformed item, epochs < 1,
+    or a plain name (no ``*?[``) that is not a selected task.
     """
     import fnmatch
 
@@ -114,7 +114,7 @@ def epoch_overrides(spec: str | None, tasks: Sequence[Any]) -> dict[Any, int]:
         if not sep or not value.strip().isdigit() or int(value) < 1:
             raise ValueError(f"--epochs items must be TASK=E with E >= 1, got {item!r}")
         hits = [t for t in tasks if fnmatch.fnmatchcase(t.name, pattern.strip())]
-        if not hits:
+        if not hits and not any(c in pattern for c in "*?["):
             raise ValueError(f"--epochs {item!r} matches none of the selected tasks")
         for t in hits:
             out[t] = int(value)

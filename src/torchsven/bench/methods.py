@@ -134,15 +134,25 @@ class SvenStepper:
     ``rows="residuals"``: the task's residual rows (objective ``0.5 ||r||^2``).
     ``rows="losses"``: the paper's form, ``from_losses(task.sample_losses, kappa=2)``,
     i.e. ``r_i = l_i`` (the half Gauss-Newton step of the paper and the authors' code).
+    With ``generic`` (the generic backend) the rows come from
+    ``task.generic_residuals`` (the same values by the task's fastest route to J).
     Either way :meth:`step` returns ``0.5 * sum_i ||r_i||^2 / n`` of the task's residual
     rows where those are the rows, and ``0.5 * sum_i l_i / n`` for the paper's rows (the
     same for one output per sample).
     """
 
-    def __init__(self, optimizer: Any, model: nn.Module, task: Task, rows: str = "residuals"):
+    def __init__(
+        self,
+        optimizer: Any,
+        model: nn.Module,
+        task: Task,
+        rows: str = "residuals",
+        generic: bool = False,
+    ):
         if rows not in ("residuals", "losses"):
             raise ValueError(f"rows must be 'residuals' or 'losses', got {rows!r}")
         self.optimizer, self.model, self.task, self.rows = optimizer, model, task, rows
+        self.generic = generic  # backend='generic': the task's generic_residuals
         self.steps = 0
 
     def notes(self) -> dict[str, Any]:
@@ -167,7 +177,8 @@ class SvenStepper:
             )
             self.steps += 1
             return 0.5 * float(rows.detach().sum()) / n
-        rows = self.optimizer.step(lambda: self.task.residuals(self.model, batch))
+        residuals = self.task.generic_residuals if self.generic else self.task.residuals
+        rows = self.optimizer.step(lambda: residuals(self.model, batch))
         self.steps += 1
         return 0.5 * float(rows.detach().square().sum()) / n
 
@@ -267,8 +278,12 @@ def _sven(rows: str = "residuals", **fixed: Any) -> Builder:
         if "damping_init" in options:  # lm's grid: the first damping factor lambda_0
             options["damping"] = torchsven.AdaptiveDamping(init=options.pop("damping_init"))
         # curve fitting: Sven on the parameter vector itself (no module to factor)
-        target = model if task.family != "mgh" else list(model.parameters())
-        return SvenStepper(torchsven.Sven(target, **options), model, task, rows)
+        target: Any = model
+        if task.family == "mgh":
+            target = list(model.parameters())
+            options.setdefault("backend", "generic")  # no module: the generic backend
+        generic = options.get("backend") == "generic"
+        return SvenStepper(torchsven.Sven(target, **options), model, task, rows, generic)
 
     return build
 

@@ -42,6 +42,12 @@ class PoissonTask(Task):
         interior, boundary = batch
         return self.problem.rows(model, interior, boundary)
 
+    def generic_residuals(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The same rows with torch.func per-point Jacobians (``rows_pointwise``): the
+        generic backend's fast route (its batched autograd through the jets is far slower)."""
+        interior, boundary = batch
+        return self.problem.rows_pointwise(model, interior, boundary)
+
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         interior, boundary = batch
         return self.problem.loss(model, interior, boundary)

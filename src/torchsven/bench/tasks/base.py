@@ -143,6 +143,12 @@ class Task:
         r = self.residuals(model, batch)
         return 0.5 * r.square().sum() / self.samples(batch)
 
+    def generic_residuals(self, model: nn.Module, batch: Batch) -> Tensor:
+        """The residual rows for Sven's generic backend (a materialised Jacobian); the
+        same values as :meth:`residuals`. Tasks whose rows have a faster route to J
+        there (PDE rows: torch.func per point) override it."""
+        return self.residuals(model, batch)
+
     def sample_losses(self, model: nn.Module, batch: Batch) -> Tensor:
         """Per-sample losses (n,) >= 0, the paper's form of the rows (``sven-paper``).
 
