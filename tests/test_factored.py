@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -208,6 +209,97 @@ def test_guard_falls_back_and_equals_generic(name):
     assert rel_err(got, flat(twin.parameters()) - start) <= TOL
 
 
+class GatedSneaky(nn.Module):
+    """Uses its Linear's weight outside the call too, through a gate (a buffer) that the
+    test sets: with the gate at 0 that path is idle, so the first (full) check passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 1)
+        self.register_buffer("gate", torch.zeros(()))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) + self.gate * (x @ self.fc.weight.T))
+
+
+def _count_backward_inputs(backend: FactoredBackend) -> list[int]:
+    seen: list[int] = []
+    original = backend._backward
+
+    def counting(rows, params, weights):
+        seen.append(len(params))
+        return original(rows, params, weights)
+
+    backend._backward = counting
+    return seen
+
+
+def test_verified_structure_skips_weight_gradients_and_stays_exact():
+    case = mlp(n=7, d_in=3, width=5, d_out=1)
+    opt = torchsven.Sven(case.model, backend="factored")
+    opt.step(case.residuals)  # builds the backend (first step: full check)
+    backend = opt.backend
+    seen = _count_backward_inputs(backend)
+    params = list(case.model.parameters())
+    for _ in range(3):
+        start = flat(params)
+        jac, rows = dense_jacobian(case.residuals, params)
+        opt.step(case.residuals)
+        assert opt.last_step.backend == "factored"
+        step, _, _ = reference_step(jac, rows)
+        assert rel_err(start - flat(params), step) <= TOL
+    n_biased_weights = 3  # every Linear of the MLP has a bias: its weight is not asked for
+    assert seen == [len(params) - n_biased_weights] * 3
+    assert backend.probes == 1 and backend.lean_steps == 3
+
+
+def test_idle_outside_path_is_caught_when_it_starts_to_contribute():
+    torch.manual_seed(0)
+    model = GatedSneaky().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
+    opt = torchsven.Sven(model, backend="factored")
+    opt.step(lambda: model(x) - y)  # gate 0: exact, verified
+    assert opt.last_step.backend == "factored"
+    model.gate.fill_(0.5)  # same graph, the weight's second use now contributes
+    twin = copy.deepcopy(model)
+    start = flat(model.parameters())
+    with pytest.warns(SvenFallbackWarning, match="do not reproduce"):
+        opt.step(lambda: model(x) - y)
+    assert opt.last_step.backend == "generic"
+    torchsven.Sven(twin, backend="generic").step(lambda: twin(x) - y)
+    got, want = flat(model.parameters()) - start, flat(twin.parameters()) - start
+    assert rel_err(got, want) <= TOL
+
+
+def test_pde_closure_after_plain_steps_is_a_new_structure():
+    model, closure, _ = _guard_setups()["pde-closure"]
+    x = torch.linspace(0, 1, 9, dtype=torch.float64).unsqueeze(1)
+    opt = torchsven.Sven(model, backend="factored")
+    for _ in range(2):  # plain rows of the same module calls: factored, verified
+        opt.step(lambda: model(x) - torch.sin(x))
+        assert opt.last_step.backend == "factored"
+    with pytest.warns(SvenFallbackWarning, match="do not reproduce"):
+        opt.step(closure)
+    assert opt.last_step.backend == "generic"
+
+
+def test_graph_fingerprint_tells_structures_apart():
+    from torchsven.backends.factored import graph_fingerprint
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(2, 1)
+    params = [*a.parameters(), *b.parameters()]
+    x = torch.randn(4, 3)
+    fp1, uses1 = graph_fingerprint(b(torch.tanh(a(x))).grad_fn, params)
+    fp2, _ = graph_fingerprint(b(torch.tanh(a(2 * x))).grad_fn, params)  # other values
+    fp3, _ = graph_fingerprint(b(torch.sigmoid(a(x))).grad_fn, params)  # other op
+    fp4, uses4 = graph_fingerprint(b(torch.tanh(a(x)) + x[:, :2] @ a.weight[:, :2]).grad_fn, params)
+    assert fp1 == fp2 and fp1 != fp3 and fp1 != fp4
+    assert uses1 == (1, 1, 1, 1) and uses4[0] == 2
+    assert graph_fingerprint(None, params) == ((), (0, 0, 0, 0))
+
+
 def test_fallback_warns_once_and_is_remembered():
     model, closure, _ = _guard_setups()["coupled-samples"]
     opt = torchsven.Sven(model, backend="factored")
@@ -222,7 +314,7 @@ def test_fallback_warns_once_and_is_remembered():
 def test_probe_runs_on_new_structures_or_always():
     case = layer_case("batchnorm-eval")
     opt = torchsven.Sven(case.model, backend="factored", rtol=1e-2)
-    backend = opt._backends()[0]
+    backend = opt.backend
     for _ in range(3):
         opt.step(case.residuals)
     assert backend.probes == 1 and opt.last_step.backend == "factored"
@@ -235,7 +327,7 @@ def test_probe_runs_on_new_structures_or_always():
     always = torchsven.Sven(case.model, backend="factored", verify="always", rtol=1e-2)
     for _ in range(3):
         always.step(case.residuals)
-    assert always._backends()[0].probes == 3
+    assert always.backend.probes == 3
 
 
 def test_marked_coupling_module_falls_back():
@@ -382,10 +474,24 @@ def test_jacobian_helper_unchanged_for_generic_users():
     assert rel_err(jac, ref) <= 1e-14
 
 
-def test_microbatch_refuses_globalised_steps():
-    case = mlp(n=6, width=4)
-    with pytest.raises(ValueError, match="microbatch_size cannot be combined"):
-        torchsven.Sven(case.model, microbatch_size=2, damping="adaptive")
+@pytest.mark.parametrize("globalised", [{"damping": "adaptive"}, {"line_search": True}])
+def test_microbatch_with_globalised_steps_matches_generic(globalised):
+    """The trial calls compare the objective, which grouping leaves unchanged."""
+    case, twin = mlp(n=6, width=4), mlp(n=6, width=4)
+    twin.model.load_state_dict(case.model.state_dict())
+    fast = torchsven.Sven(case.model, microbatch_size=2, **globalised)
+    slow = torchsven.Sven(twin.model, microbatch_size=2, backend="generic", **globalised)
+    start = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(4):
+        fast.step(case.residuals)
+        slow.step(twin.residuals)
+        assert fast.last_step.backend == "factored" and fast.last_step.rows == 3
+    assert rel_err(flat(case.params()), flat(twin.params())) <= 1e-10
+    assert 0.5 * float(case.residuals().detach().square().sum()) < start
+    with pytest.raises(ValueError, match="microbatch_size cannot be combined with process"):
+        from torchsven.config import check_compatible, make_config
+
+        check_compatible(make_config(microbatch_size=2), True, distributed=True)
 
 
 def test_speed_benchmark_writes_json_and_table(tmp_path):
