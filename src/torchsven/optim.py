@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .backends import BACKENDS, make_backend
 from .backends.base import Backend, Direction, FallbackRequired, check_finite
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
+from .clients import check_closure, check_closure_output
 from .damping import AdaptiveDamping, default_rtol, parse_damping, serialize_damping
 from .distributed import check_not_ddp, make_data_parallel
 from .errors import SvenFallbackWarning
@@ -95,6 +96,7 @@ def _check_options(
 
 def residual_rows(out: Any) -> Tensor:
     """Validate what a closure returned and flatten it to rows (N,)."""
+    check_closure_output(out)  # Lightning's automatic-optimization closure: say how to switch
     if not isinstance(out, Tensor):
         raise TypeError(f"closure must return a tensor of residual rows, got {type(out).__name__}")
     if out.dim() == 0:
@@ -516,6 +518,7 @@ class Sven(torch.optim.Optimizer):
 
     def _step(self, closure: Callable[[], Tensor]) -> Tensor:
         if closure is None or not callable(closure):
+            check_closure(closure)  # transformers.Trainer's closure-less step: say what to do
             raise TypeError(
                 "Sven.step needs a closure that returns residual rows, e.g. "
                 "opt.step(lambda: model(x) - y)"
