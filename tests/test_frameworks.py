@@ -120,3 +120,26 @@ def test_client_checks_stay_silent_outside_the_frameworks():
         opt.step(lambda: torch.ones((), requires_grad=True))
     with pytest.raises(TypeError, match="needs a closure"):
         opt.step(None)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_closure_falls_back_naming_torch_compile(fullgraph):
+    torch.manual_seed(0)
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    init = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double().state_dict()
+    steps = {}
+    for backend in ("auto", "generic"):
+        model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+        model.load_state_dict(init)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+        opt = torchsven.Sven(model, backend=backend)
+        before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        if backend == "auto":
+            with pytest.warns(SvenFallbackWarning, match=r"torch\.compile-d.*uncompiled model"):
+                opt.step(lambda c=compiled: c(x) - y)
+        else:
+            opt.step(lambda c=compiled: c(x) - y)
+        after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        steps[backend] = after - before
+    assert steps["generic"].abs().sum() > 0
+    assert torch.allclose(steps["auto"], steps["generic"], rtol=1e-12, atol=1e-14)

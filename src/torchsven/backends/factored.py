@@ -174,9 +174,19 @@ class Recorder:
 
     # --------------------------------------------------------------- hooks
     def _pre(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         self._stack.append(len(self.calls))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if torch.compiler.is_compiling():  # traced by torch.compile: record nothing
+            if not self.errors:
+                self.errors.append(
+                    f"module '{self._names.get(id(module))}' ran inside torch.compile-d code, "
+                    "where the factored backend's hooks cannot record; call the uncompiled "
+                    "model in the closure for the factored backend"
+                )
+            return
         try:
             start = self._stack.pop() if self._stack else len(self.calls)
             if not self.active:
@@ -215,6 +225,37 @@ class Recorder:
                 )
 
         return hook
+
+
+def _compile_note(model: nn.Module, rows: Tensor) -> str:
+    """Why a fallback may come from torch.compile (empty when nothing shows it).
+
+    Looks for compiled submodules (``OptimizedModule``) and for compiled autograd
+    nodes (``CompiledFunctionBackward``) in the rows' graph; only on the fallback path.
+    """
+    for name, module in model.named_modules():
+        if _is_compiled(module):
+            return (
+                f"module '{name}' is torch.compile-d; use the uncompiled module in the model "
+                "for the factored backend"
+            )
+    seen: set[int] = set()
+    nodes: list[Any] = [] if rows.grad_fn is None else [rows.grad_fn]
+    keep: list[Any] = []
+    while nodes:
+        node = nodes.pop()
+        keep.append(node)
+        if node.name().startswith("CompiledFunction"):
+            return (
+                "the closure runs torch.compile-d code, whose layers the factored backend's "
+                "hooks cannot see; call the uncompiled model in the closure for the factored "
+                "backend"
+            )
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                nodes.append(nxt)
+    return ""
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -350,7 +391,13 @@ class FactoredBackend(Backend):
         try:
             rows = rows.reshape(-1)
             params = list(params)
-            contributions, layout = self._factors(rows, params, captured, output)
+            try:
+                contributions, layout = self._factors(rows, params, captured, output)
+            except FallbackRequired as why:
+                note = _compile_note(self.model, rows)
+                if note and "torch.compile" not in why.reason:
+                    raise FallbackRequired(f"{why.reason}; {note}") from why
+                raise
             return use(rows, params, contributions, layout)
         finally:
             captured.release()
