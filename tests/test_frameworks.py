@@ -143,3 +143,16 @@ def test_compiled_closure_falls_back_naming_torch_compile(fullgraph):
         steps[backend] = after - before
     assert steps["generic"].abs().sum() > 0
     assert torch.allclose(steps["auto"], steps["generic"], rtol=1e-12, atol=1e-14)
+
+
+def test_gpt2_tiny_example_runs_sven_factored_and_adamw_with_a_plot(tmp_path):
+    path = tmp_path / "curves.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SvenFallbackWarning)
+        args = ["--steps", "3", "--batch", "4", "--context", "8", "--width", "8"]
+        results = _example("gpt2_tiny.py")["main"]([*args, "--layers", "1", "--plot", str(path)])
+    assert results["sven"]["backend"] == ["factored"]
+    for history in (results["sven"], results["adamw"]):
+        assert len(history["loss"]) == 4
+        assert history["loss"][-1] < history["loss"][0]
+    assert path.stat().st_size > 1000

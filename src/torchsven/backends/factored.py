@@ -62,6 +62,7 @@ from .layers import (
     linear_factors,
     normalized_input,
 )
+from .transposed import TransposedLinearTerm, is_transposed_linear
 
 __all__ = ["VERIFY_MODES", "FactoredBackend"]
 
@@ -91,6 +92,8 @@ def _kind(module: nn.Module) -> str:
         return "embedding"
     if t in _NORMS:
         return "norm"
+    if is_transposed_linear(module):
+        return "linear_t"
     return "generic"
 
 
@@ -537,7 +540,9 @@ class FactoredBackend(Backend):
         module, covers = first.module, first.covers
         passes = [c.grads[0] if c.grads else [None] * layout.outputs for c in calls]
         outs = [c.out_leaves[0] if c.out_leaves else None for c in calls]
-        if first.kind in ("linear", "conv", "embedding", "norm") and any(o is None for o in outs):
+        if first.kind in ("linear", "linear_t", "conv", "embedding", "norm") and any(
+            o is None for o in outs
+        ):
             calls = [c for c, o in zip(calls, outs, strict=True) if o is not None]
             if not calls:
                 raise TermError("its outputs do not require grad")
@@ -545,6 +550,14 @@ class FactoredBackend(Backend):
             outs = [c.out_leaves[0] for c in calls]
         weight = "weight" if "weight" in covers else None
         bias = "bias" if "bias" in covers else None
+        if first.kind == "linear_t":
+            parts = [
+                linear_factors(c.args[0], layout, gp, o)
+                for c, gp, o in zip(calls, passes, outs, strict=True)
+            ]
+            a = torch.cat([p[0] for p in parts], dim=1)
+            g = torch.cat([p[1] for p in parts], dim=1)
+            return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind in ("linear", "conv"):
             parts = [
                 linear_factors(c.args[0], layout, gp, o)
