@@ -5,9 +5,9 @@ with a truncated (optionally damped) pseudo-inverse of the per-row Jacobian.
 """
 
 from . import pde, pinn, residuals
+from .config import BacktrackingLineSearch
 from .damping import AdaptiveDamping
-from .errors import NonFiniteError, SvenFallbackWarning
-from .globalize import BacktrackingLineSearch
+from .errors import NonFiniteError, SvenFallbackWarning, SvenPerformanceWarning
 from .info import StepInfo
 from .least_squares import LeastSquaresResult, least_squares
 from .optim import Sven
@@ -25,6 +25,7 @@ __all__ = [
     "StepInfo",
     "Sven",
     "SvenFallbackWarning",
+    "SvenPerformanceWarning",
     "__version__",
     "effective_rank",
     "from_errors",

@@ -5,7 +5,7 @@ Minimises ``F(x) = 0.5 * sum_i rho(f_i(x)^2)`` for a residual function
 dtype and device, with optional box bounds ``lb <= x <= ub``. Argument names,
 defaults and meanings follow ``scipy.optimize.least_squares`` (ftol / xtol /
 gtol, x_scale, loss and f_scale, bounds, max_nfev, the result fields and the
-status codes); see docs/design.md and DESIGN.md section 12.
+status codes); see docs/design.md, "Least squares".
 
 Algorithm (one trust-region loop, linear algebra in float64):
 

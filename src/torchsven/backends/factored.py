@@ -1,6 +1,6 @@
 """Factored Gram backend: ``K = J J^T`` from per-layer hook factors, never J.
 
-One step (DESIGN.md sections 2 and 3):
+One step (docs/design.md, "Backends"):
 
 1. ``capture``: forward hooks on the model's modules record each call's inputs
    and put a tensor hook on its outputs (robust to in-place ops after the layer).
@@ -35,9 +35,11 @@ from torch import Tensor, nn
 from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
+from ..masks import Selection
 from ..matfree import ParamBlock, range_finder, ritz_step
-from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
-from .base import Backend, Direction, FallbackRequired, check_finite
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
+from .assembly import GramAssembly
+from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
 from .broadcast import (
     BroadcastLeaf,
     is_broadcast_call,
@@ -46,6 +48,7 @@ from .broadcast import (
     watch_consumers,
 )
 from .layers import (
+    ChannelBiasLinearTerm,
     EmbeddingTerm,
     GenericTerm,
     LinearLikeTerm,
@@ -56,6 +59,7 @@ from .layers import (
     block_j,
     block_jt,
     block_sketch,
+    channel_bias_mask,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -110,12 +114,29 @@ class Call:
     versions: list[tuple[Tensor, int]]
     out_leaves: list[Tensor] = field(default_factory=list)
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+    #: Linear on channels (S, C, d_in) with its bias only where the mask (C,) holds
+    #: (:func:`torchsven.backends.layers.bias_on_channels`); None: bias everywhere.
+    bias_mask: tuple[bool, ...] | None = None
+    #: the autocast dtype the call ran under (its Linear/Conv inputs are cast to it)
+    autocast: torch.dtype | None = None
+    #: output rows (Linear features / Conv channels) whose weight rows are solved for
+    #: (``mask="rows"``: the covered tensors are the selection's leaves), or None
+    out_rows: Tensor | None = None
+
+    def input(self) -> Any:
+        """The first input as the module's kernel saw it (autocast's cast applied)."""
+        x = self.args[0] if self.args else None
+        if self.autocast is not None and isinstance(x, Tensor) and x.is_floating_point():
+            return x.to(self.autocast)
+        return x
 
 
 class Recorder:
     """Hooks of one step: forward (pre-)hooks on modules, tensor hooks on outputs."""
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> None:
         self.model = model
         trainable = {id(p) for p in params}
         self.calls: list[Call] = []
@@ -139,6 +160,18 @@ class Recorder:
                 self._owned[id(module)] = {
                     n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable
                 }
+        # mask="rows": a masked layer's solved-for tensors are the leaves W[S], b[S]
+        self._out_rows: dict[int, Tensor] = {}
+        if selection is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            for layer, (weight, bias), out_rows in zip(
+                selection.row_layers, selection.row_leaves, selection.row_index, strict=True
+            ):
+                key = id(layer.module)
+                owned = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+                self._names[key] = names.get(key, "?")
+                self._owned[key] = self._subtree[key] = owned
+                self._out_rows[key] = out_rows
 
     # ------------------------------------------------------------- install
     def install(self) -> None:
@@ -206,6 +239,12 @@ class Recorder:
             leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
             call = Call(module, self._names[key], kind, args, kwargs, covers, versions)
+            call.out_rows = self._out_rows.get(key)
+            device = next(iter(covers.values())).device.type
+            if kind in ("linear", "conv") and torch.is_autocast_enabled(device):
+                call.autocast = torch.get_autocast_dtype(device)
+            if kind == "linear":
+                call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -281,6 +320,8 @@ class FactoredBackend(Backend):
     """
 
     name = "factored"
+    provides_gram = True
+    provides_matfree = True
 
     def __init__(
         self,
@@ -306,8 +347,10 @@ class FactoredBackend(Backend):
         self.probes = 0
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Recorder]:
-        recorder = Recorder(self.model, params)
+    def capture(
+        self, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> Iterator[Recorder]:
+        recorder = Recorder(self.model, params, selection)
         recorder.install()
         try:
             yield recorder
@@ -448,7 +491,7 @@ class FactoredBackend(Backend):
         for c in recorder.calls:
             leaves, _ = tree_flatten((c.args, c.kwargs))
             shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor))
-            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
+            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers)), c.bias_mask))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
 
@@ -560,13 +603,20 @@ class FactoredBackend(Backend):
             return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind in ("linear", "conv"):
             parts = [
-                linear_factors(c.args[0], layout, gp, o)
+                linear_factors(c.input(), layout, gp, o)
                 if first.kind == "linear"
-                else conv_factors(module, c.args[0], layout, gp, o)
+                else conv_factors(module, c.input(), layout, gp, o)
                 for c, gp, o in zip(calls, passes, outs, strict=True)
             ]
             a = torch.cat([p[0] for p in parts], dim=1)
             g = torch.cat([p[1] for p in parts], dim=1)
+            if first.out_rows is not None:  # mask="rows": the chosen output rows only
+                g = g[..., first.out_rows.to(g.device)]
+            if bias is not None and any(c.bias_mask is not None for c in calls):
+                mask = torch.cat(
+                    [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
+                ).to(a.device)
+                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -602,11 +652,12 @@ class FactoredBackend(Backend):
         weights: Tensor,
         what: str,
         generator: torch.Generator,
+        precision: torch.dtype,
     ) -> None:
         """Factors' ``J^T w`` against autograd's, per parameter; FallbackRequired on mismatch."""
         for p, ref in zip(params, autograd_grads, strict=True):
             contribs = contributions.get(id(p), [])
-            tol = dtype_tolerance(p.dtype, weights.numel() * 64)
+            tol = dtype_tolerance(_least_precise(p.dtype, precision), weights.numel() * 64)
             if not contribs:
                 if bool(ref.any()):
                     raise FallbackRequired(
@@ -667,13 +718,26 @@ class FactoredBackend(Backend):
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
-            self._check(contributions, params, names, ones_grads, ones, "J^T 1", generator)
+            # the guard's tolerance: the least precise dtype the layers computed in
+            precision = _least_precise(
+                rows.dtype, *(c.autocast for c in recorder.calls if c.autocast is not None)
+            )
+            self._check(
+                contributions, params, names, ones_grads, ones, "J^T 1", generator, precision
+            )
             if known == "new" or self.verify == "always":
                 self.probes += 1
                 v = torch.randn(layout.rows, generator=generator, dtype=_F64).to(rows.device)
                 probe_grads = self._backward(rows, params, v.to(rows.dtype))
                 self._check(
-                    contributions, params, names, probe_grads, v, "random probe J^T v", generator
+                    contributions,
+                    params,
+                    names,
+                    probe_grads,
+                    v,
+                    "random probe J^T v",
+                    generator,
+                    precision,
                 )
         except FallbackRequired as why:
             self._verified[signature] = why.reason
@@ -687,28 +751,31 @@ class FactoredBackend(Backend):
         params: list[Tensor],
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """K (R, R) float64 and the materialised per-row gradients of shared parameters."""
-        gram = torch.zeros(layout.rows, layout.rows, dtype=_F64, device=rows.device)
-        by_term: dict[int, tuple[Term, list[str]]] = {}
-        shared: list[list[tuple[Term, str, str]]] = []
+    ) -> tuple[Tensor, GramAssembly]:
+        """K (R, R) float64 and the assembly that formed it (for ``J^T c``)."""
+        assembly = GramAssembly.of(contributions, params)
+        gram = assembly.gram(layout.rows, rows.device)
+        check_finite(gram, "the Gram matrix of the residual rows")
+        return gram, assembly
+
+    def _jacobian(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Tensor:
+        """J (R, P) float64 assembled from the terms' per-row gradients."""
+        columns = []
         for p in params:
             contribs = contributions.get(id(p), [])
-            if len(contribs) == 1:
-                term, name, _ = contribs[0]
-                by_term.setdefault(id(term), (term, []))[1].append(name)
-            elif contribs:
-                shared.append(contribs)
-        for term, term_names in by_term.values():
-            gram += term.gram(term_names)
-        shared_rows = []
-        for contribs in shared:
+            if not contribs:
+                columns.append(torch.zeros(layout.rows, p.numel(), dtype=_F64, device=p.device))
+                continue
             per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
-            per_row = per_row.reshape(layout.rows, -1)
-            shared_rows.append(per_row)
-            gram += per_row @ per_row.mT
-        check_finite(gram, "the Gram matrix of the residual rows")
-        return gram, shared_rows
+            columns.append(per_row.reshape(layout.rows, -1))
+        jac = torch.cat(columns, dim=1)
+        check_finite(jac, "the Jacobian of the residual rows")
+        return jac
 
     def _solve(
         self,
@@ -718,21 +785,40 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
-        gram, shared_rows = self._gram(rows, params, contributions, layout)
-        rows64 = rows.detach().to(_F64)
-        coeffs, solution = gram_coefficients(gram, rows64, filt)
-        step: list[Tensor] = []
-        shared_iter = iter(shared_rows)
-        for p in params:
-            contribs = contributions.get(id(p), [])
-            if not contribs:
-                step.append(torch.zeros(p.shape, dtype=_F64, device=p.device))
-            elif len(contribs) == 1:
-                term, name, _ = contribs[0]
-                step.append(term.weighted([name], coeffs)[name].to(_F64).reshape(p.shape))
-            else:
-                step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
+        if sum(p.numel() for p in params) < layout.rows:
+            # Fewer parameters than rows (small PINNs on many points): J itself is
+            # smaller than K; materialise it from the factors and solve as the
+            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            jac = self._jacobian(params, contributions, layout)
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
+        gram, assembly = self._gram(rows, params, contributions, layout)
+        coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
+        step = assembly.transpose_product(params, coeffs)
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _bias_positions(call: Call, positions: int) -> Tensor:
+    """(positions,) 1/0: where a Linear call's bias enters, over its row-batched positions.
+
+    A call marked with a channel mask (C,) on input (S, C, d_in) repeats the mask
+    for each of the row's samples; an unmarked call has its bias everywhere.
+    """
+    if call.bias_mask is None:
+        return torch.ones(positions, dtype=torch.float64)
+    x = call.args[0]
+    channels = len(call.bias_mask)
+    if x.dim() != 3 or x.shape[1] != channels or positions % channels:
+        raise TermError(
+            f"marked with a bias mask over {channels} channels but called on input of "
+            f"shape {tuple(x.shape)} (expected (samples, {channels}, features))"
+        )
+    return torch.tensor(call.bias_mask, dtype=torch.float64).repeat(positions // channels)
+
+
+def _least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon among ``dtypes``."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def _to_samples(records: list[BroadcastLeaf], samples: int) -> None:
