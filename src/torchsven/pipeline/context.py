@@ -16,7 +16,6 @@ step commits. See ``docs/design.md`` ("The step pipeline").
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,7 +71,16 @@ class SvenMemory:
         self.counts.update({k: int(v) for k, v in data.get("counts", {}).items()})
 
     def copy(self) -> SvenMemory:
-        return copy.deepcopy(self)
+        """A copy a step can change freely (history entries and tensors are never mutated)."""
+        damping = None if self.damping is None else DampingState(**asdict(self.damping))
+        return SvenMemory(
+            self.steps,
+            damping,
+            dict(self.counts),
+            self.generator_state,
+            list(self.history),
+            set(self.warned),
+        )
 
 
 def flat_state(state: MutableMapping[Tensor, dict], params: Sequence[Tensor], key: str) -> Tensor:

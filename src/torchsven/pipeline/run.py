@@ -58,6 +58,10 @@ def step_info(
 ) -> StepInfo:
     """The one StepInfo builder: ``loss`` and ``residual_norm`` from the rows (one sync)."""
     sq = float(rows.detach().to(torch.float64).square().sum())
+    extras = dict(extras or {})
+    if solution.projections is not None:  # ||J^T r||_2 = sqrt(r^T K r), free from the solve
+        s, p = solution.singular_values, solution.projections
+        extras.setdefault("gradient_norm", float((s.square() * p.square()).sum().sqrt()))
     return StepInfo(
         loss=0.5 * sq,
         residual_norm=math.sqrt(sq),
@@ -67,7 +71,7 @@ def step_info(
         backend=backend,
         solver=solution.solver,
         rows=rows.numel(),
-        extras=extras or {},
+        extras=extras,
     )
 
 
