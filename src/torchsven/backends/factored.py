@@ -995,12 +995,16 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
-        if sum(p.numel() for p in params) < layout.rows:
+        n_params = sum(p.numel() for p in params)
+        if n_params < layout.rows:
             # Fewer parameters than rows (small PINNs on many points): J itself is
-            # smaller than K; materialise it from the factors and solve as the
-            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            # smaller than K; materialise it from the factors. Solve by an SVD of J
+            # while that is cheap, else by the eigh of J^T J (P x P): the same floor
+            # sqrt(n eps) s_1 as the Gram route, on the short side (measured 7x
+            # faster than the SVD at N=1500, P=449).
             jac = self._jacobian(params, contributions, layout)
-            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            solver = "svd" if layout.rows * n_params * n_params <= 2e7 else "normal"
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt, solver)
             return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
         gram, assembly = self._gram(rows, params, contributions, layout)
         coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
