@@ -529,3 +529,11 @@ def test_headline_goals_and_where_sven_loses(tmp_path) -> None:
     with pytest.raises(ValueError, match="markers"):
         write_readme_section(doc, str(readme), "x")
     assert readme.read_text() == "no markers"
+
+
+def test_full_batch_tasks_evaluate_every_few_epochs() -> None:
+    task = get_task("poisson-2d", "tiny")
+    task.epochs = {**task.epochs, "tiny": 7}
+    run = run_one(task, task.make_data(0), METHODS["adam"], {"lr": 1e-3}, 0)
+    assert task.eval_every == 5 and run.steps == 7
+    assert [p["epoch"] for p in run.curve] == [0.0, 5.0, 7.0]  # start, every 5th, the last

@@ -261,7 +261,8 @@ def run_one(
                 if progress is not None:
                     progress(done, loss)
                 last = i + 1 == n_batches
-                if last or (i + 1) % every == 0:
+                due = (epoch + 1) % task.eval_every == 0 or epoch + 1 == epochs
+                if (last and due) or (not last and (i + 1) % every == 0):
                     if not _finite_params(model):
                         diverge(f"parameters became non-finite at step {stepper.steps}")
                         break

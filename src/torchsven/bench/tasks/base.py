@@ -90,6 +90,8 @@ class Task:
         batch_size: minibatch size, or None for full batch.
         epochs: passes over the training data per size.
         evals_per_epoch: validation evaluations per epoch (curve resolution).
+        eval_every: epochs between the end-of-epoch evaluations (full-batch tasks with
+            many one-step epochs; the last epoch is always evaluated).
         dtype: parameter and data dtype.
         family: tasks that share one table in the report (e.g. ``"mgh"``), or None.
         suites: the sizes whose default suite includes the task (``--tasks``
@@ -103,6 +105,7 @@ class Task:
     batch_size: ClassVar[int | None] = 32
     epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 5, "tiny": 1}
     evals_per_epoch: ClassVar[int] = 1
+    eval_every: ClassVar[int] = 1
     dtype: ClassVar[torch.dtype] = torch.float32
     family: ClassVar[str | None] = None
     suites: ClassVar[tuple[str, ...]] = SIZES
