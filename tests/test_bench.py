@@ -36,7 +36,7 @@ def test_task_builds_and_evaluates(name: str) -> None:
     rows = task.residuals(model, batch)
     assert rows.requires_grad and rows.dtype == task.dtype
     # the generic backend's route to the same rows, and the paper's per-sample losses
-    torch.testing.assert_close(task.generic_residuals(model, batch), rows)
+    torch.testing.assert_close(task.sven_residuals(model, batch, "generic"), rows)
     losses = task.sample_losses(model, batch)
     assert losses.dim() == 1 and bool((losses >= 0).all())
     loss = task.loss(model, batch)

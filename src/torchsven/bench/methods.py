@@ -134,8 +134,9 @@ class SvenStepper:
     ``rows="residuals"``: the task's residual rows (objective ``0.5 ||r||^2``).
     ``rows="losses"``: the paper's form, ``from_losses(task.sample_losses, kappa=2)``,
     i.e. ``r_i = l_i`` (the half Gauss-Newton step of the paper and the authors' code).
-    With ``generic`` (the generic backend) the rows come from
-    ``task.generic_residuals`` (the same values by the task's fastest route to J).
+    Residual rows come from ``task.sven_residuals(model, batch, backend)`` (the same
+    values by the task's fastest route to J on that backend; ``generic`` says the
+    optimizer runs the generic backend).
     Either way :meth:`step` returns ``0.5 * sum_i ||r_i||^2 / n`` of the task's residual
     rows where those are the rows, and ``0.5 * sum_i l_i / n`` for the paper's rows (the
     same for one output per sample).
@@ -152,7 +153,7 @@ class SvenStepper:
         if rows not in ("residuals", "losses"):
             raise ValueError(f"rows must be 'residuals' or 'losses', got {rows!r}")
         self.optimizer, self.model, self.task, self.rows = optimizer, model, task, rows
-        self.generic = generic  # backend='generic': the task's generic_residuals
+        self.generic = generic  # backend='generic': the task's rows for that backend
         self.steps = 0
 
     def notes(self) -> dict[str, Any]:
@@ -177,8 +178,8 @@ class SvenStepper:
             )
             self.steps += 1
             return 0.5 * float(rows.detach().sum()) / n
-        residuals = self.task.generic_residuals if self.generic else self.task.residuals
-        rows = self.optimizer.step(lambda: residuals(self.model, batch))
+        backend = "generic" if self.generic else "auto"
+        rows = self.optimizer.step(lambda: self.task.sven_residuals(self.model, batch, backend))
         self.steps += 1
         return 0.5 * float(rows.detach().square().sum()) / n
 

@@ -132,6 +132,13 @@ class Task:
         """Metrics of ``model`` on one split; must contain ``self.metric``."""
         raise NotImplementedError
 
+    def sven_residuals(self, model: nn.Module, batch: Batch, backend: str) -> Tensor:
+        """The rows Sven steps on with ``backend`` ("auto", "factored", "generic"); by
+        default :meth:`residuals`. A task may give each backend its fastest form of the
+        same rows (the PDE tasks: jets for the factored backend, per-point Jacobians
+        for the generic one)."""
+        return self.residuals(model, batch)
+
     # ---------------------------------------------------------------- defaults
     @property
     def num_epochs(self) -> int:
@@ -145,12 +152,6 @@ class Task:
         """Scalar loss for first-order methods: ``0.5 * ||r||^2 / n``."""
         r = self.residuals(model, batch)
         return 0.5 * r.square().sum() / self.samples(batch)
-
-    def generic_residuals(self, model: nn.Module, batch: Batch) -> Tensor:
-        """The residual rows for Sven's generic backend (a materialised Jacobian); the
-        same values as :meth:`residuals`. Tasks whose rows have a faster route to J
-        there (PDE rows: torch.func per point) override it."""
-        return self.residuals(model, batch)
 
     def sample_losses(self, model: nn.Module, batch: Batch) -> Tensor:
         """Per-sample losses (n,) >= 0, the paper's form of the rows (``sven-paper``).
