@@ -171,7 +171,12 @@ def pose_torchsven(seed: int, target: float, budget: float) -> dict:
         return (pp.se3(x).Exp() @ target).Log().tensor()
 
     start = time.perf_counter()
-    res = torchsven.least_squares(residuals, pose0.tensor())
+
+    def stop(intermediate_result: dict) -> bool:
+        loss = 2 * intermediate_result["cost"]
+        return loss <= target or time.perf_counter() - start > budget
+
+    res = torchsven.least_squares(residuals, pose0.tensor(), callback=stop)
     seconds = time.perf_counter() - start
     final = float(residuals(res.x).square().sum())
     return {
