@@ -491,7 +491,7 @@ def where_sven_loses(doc: dict[str, Any]) -> list[str]:
                 and r["best_val"] > 0
                 and r["val"] > 1.5 * r["best_val"]
                 and math.isfinite(r["train"])
-                and r["train"] < r["val"]
+                and r["train"] < r["best_val"]
             ):
                 lines.append(
                     f"`{name}`, {m}: validation {metric} rose from its best "
