@@ -967,8 +967,10 @@ class FactoredBackend(Backend):
             return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
         gram, assembly = self._gram(rows, params, contributions, layout)
         coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
+        row_change = gram @ coeffs
+        del gram  # (N, N) float64: not held while the step (P float64) is formed
         step = assembly.transpose_product(params, coeffs)
-        return Direction(step, solution, row_change=gram @ coeffs)
+        return Direction(step, solution, row_change=row_change)
 
 
 def _bias_positions(call: Call, positions: int) -> Tensor:

@@ -157,7 +157,7 @@ def _cases() -> dict[str, SpeedCase]:
         for n in (128, 512):
             name = f"mlp-w{width}-n{n}"
             out[name] = SpeedCase(name, n, _mlp(32, width, 3, 1))
-    # the authors' cases (DESIGN.md section 3): a, b, c
+    # the authors' cases (docs/design.md, "Speed"): a, b, c
     out["authors-a"] = SpeedCase("authors-a", 128, _mlp(64, 384, 8, 10, nn.ReLU), authors=True)
     out["authors-b"] = SpeedCase("authors-b", 512, _mlp(32, 256, 3, 1, nn.GELU), authors=True)
     out["authors-c"] = SpeedCase("authors-c", 512, _mlp(32, 1024, 3, 1, nn.GELU), authors=True)
@@ -357,7 +357,8 @@ def _memory_worker(case_name: str, method: str) -> dict[str, float]:
     """In a fresh process: peak RSS of a method's first two steps over the RSS before (MB).
 
     One step of the method on a 2-row batch first maps the libraries' code (not
-    counted); then a new optimizer takes two steps on the case's batch, and the
+    counted); then a new optimizer takes two steps on the case's batch (each from
+    the case's start, as in the timing), and the
     kernel's peak-RSS mark (VmHWM, reset through ``/proc/self/clear_refs`` just
     before) minus the resident size before them is the method's memory: its
     persistent state (SGD's momentum) and its largest transient peak.
@@ -375,6 +376,7 @@ def _memory_worker(case_name: str, method: str) -> dict[str, float]:
         pass
     del tiny, tiny_rows, tiny_loss
     rows, loss = _rows_and_loss(model, x, y, task)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
@@ -383,8 +385,9 @@ def _memory_worker(case_name: str, method: str) -> dict[str, float]:
         step = _authors_stepper(model, x, y, task)
     else:
         step = _stepper(method, model, rows, loss)
-    step()
-    step()
+    for _ in range(2):  # the same step twice, as in the timing (from the same start)
+        _reset(model, state)
+        step()
     peak = _status_kb("VmHWM")
     return {"peak_mb": max(0.0, (peak - before) * 1024 / 1e6)}
 
