@@ -94,7 +94,7 @@ def steppers(spec: dict[str, Any]) -> tuple[dict[str, Callable[[], None]], list[
     base, x, y = spec["model"], spec["x"], spec["y"]
     n = x.shape[0]
     ours_model = copy.deepcopy(base)
-    ours = torchsven.Sven(ours_model, lr=1.0, rtol=1e-3, backend="factored")
+    ours = torchsven.Sven(ours_model, lr=1.0, rtol=1e-3, backend="factored", damping=0.0)
 
     if spec["residual_fn"] is None:
 

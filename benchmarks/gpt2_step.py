@@ -72,8 +72,8 @@ def run(name: str, repeats: int) -> dict[str, float]:
     positions = torch.arange(length).expand(batch, length)
     models = {k: _model(vocab, width, layers, heads, length) for k in ("adam", "plain", "pos")}
     adam = torch.optim.Adam(models["adam"].parameters(), lr=1e-4)
-    sven_plain = torchsven.Sven(models["plain"], lr=1e-3)
-    sven_pos = torchsven.Sven(models["pos"], lr=1e-3)
+    sven_plain = torchsven.Sven(models["plain"], lr=1e-3, damping=0.0)
+    sven_pos = torchsven.Sven(models["pos"], lr=1e-3, damping=0.0)
 
     def adam_step() -> None:
         adam.zero_grad()

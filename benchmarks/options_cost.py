@@ -62,7 +62,9 @@ def masks(batch: int, width: int, repeats: int) -> None:
         ("rows", 0.25),
         ("rows", 0.1),
     ]:
-        opt = torchsven.Sven(model, lr=1e-9, param_fraction=fraction, mask=mask, backend="generic")
+        opt = torchsven.Sven(
+            model, lr=1e-9, param_fraction=fraction, mask=mask, backend="generic", damping=0.0
+        )
         t = _median_time(lambda opt=opt: opt.step(lambda: model(x) - y), repeats)
         cols = opt.last_step.extras.get("selected", p_total)
         cols = p_total if mask == "entries" else cols  # entries: J is computed in full

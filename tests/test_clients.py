@@ -93,7 +93,7 @@ def test_gpt2_plain_call_steps_on_the_factored_backend_as_generic_does():
     losses = {}
     for backend in ("factored", "generic"):
         model = tiny_gpt2(seed=4).float()
-        opt = torchsven.Sven(model, lr=0.3, backend=backend)
+        opt = torchsven.Sven(model, lr=0.3, backend=backend, damping=0.0)
 
         def closure(model: nn.Module = model) -> Tensor:
             return torchsven.from_losses(_token_losses(model, ids).mean(dim=1))
@@ -252,7 +252,7 @@ def test_llama_and_t5_float32_plain_calls_step_factored_as_generic(kind):
             ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
             return torchsven.from_losses(ce.mean(dim=1))
 
-        opt = torchsven.Sven(model, lr=0.1, backend=backend)
+        opt = torchsven.Sven(model, lr=0.1, backend=backend, damping=0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("error", SvenFallbackWarning)
             opt.step(closure)

@@ -24,7 +24,7 @@ def test_realisable_curve_fit_reaches_round_off():
     t = torch.linspace(0, 2, 30, dtype=torch.float64)
     y = 2.0 * torch.exp(-1.3 * t) + 0.5 * torch.sin(3 * t)
     model = DecayPlusWave()
-    opt = torchsven.Sven(model, lr=1.0)
+    opt = torchsven.Sven(model, lr=1.0, damping=0.0)
     for _ in range(15):
         opt.step(lambda: model(t) - y)
     final = 0.5 * float((model(t) - y).detach().square().sum())
@@ -41,7 +41,7 @@ def test_overparameterised_mlp_interpolates_a_teacher():
     y = teacher(x).detach()
     torch.manual_seed(1)
     student = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 1)).double()
-    opt = torchsven.Sven(student, lr=1.0, rtol=1e-6)
+    opt = torchsven.Sven(student, lr=1.0, rtol=1e-6, damping=0.0)
     for _ in range(30):
         opt.step(lambda: student(x) - y)
     final = 0.5 * float((student(x) - y).detach().square().sum())
@@ -74,7 +74,7 @@ def _train(method: str, lr: float, epochs: int = 3, batch: int = 32) -> float:
     xt, yt, xv, yv = _regression_1d()
     model = _mlp()
     if method == "sven":
-        opt = torchsven.Sven(model, lr=lr)
+        opt = torchsven.Sven(model, lr=lr, damping=0.0)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=lr)
     order = torch.Generator().manual_seed(1)

@@ -138,7 +138,13 @@ def _distributed_run(
 
     model, groups, x, y = build(sum(split), kind=kind)
     opt = torchsven.Sven(
-        groups, model=model, rank=cap, rtol=RTOL, backend=backend, process_group=group()
+        groups,
+        model=model,
+        rank=cap,
+        rtol=RTOL,
+        backend=backend,
+        process_group=group(),
+        damping=0.0,
     )
     part = local_slice(split, rank)
     history, infos = [], []
@@ -280,7 +286,7 @@ def raising_rank(rank: int, world: int) -> dict:
     import torchsven
 
     model, groups, x, y = build(4 * world)
-    opt = torchsven.Sven(groups, model=model, process_group=group())
+    opt = torchsven.Sven(groups, model=model, process_group=group(), damping=0.0)
     part = local_slice([4] * world, rank)
 
     def bad_closure() -> torch.Tensor:
@@ -303,7 +309,7 @@ def raising_rank(rank: int, world: int) -> dict:
     unchanged = unchanged and flat(model) == before and opt.last_step is None
     opt.step(lambda: model(x[0, part]) - y[0, part])  # the group still works
     after = flat(model)
-    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=group())
+    skipping = torchsven.Sven(model, on_nonfinite="skip", process_group=group(), damping=0.0)
     skipping.step(lambda: (model(x[1, part]) - y[1, part]) / (rank != world - 1))
     skipped = skipping.last_step.extras.get("skipped") is True and flat(model) == after
     return {
@@ -326,11 +332,11 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
         with torch.no_grad():
             model[0].weight[0, 0] += 1e-12
     try:
-        torchsven.Sven(model, process_group=group())
+        torchsven.Sven(model, process_group=group(), damping=0.0)
     except ValueError as exc:
         errors.append(str(exc))
     model, _, x, y = build(2 * world)
-    opt = torchsven.Sven(model, process_group=group())
+    opt = torchsven.Sven(model, process_group=group(), damping=0.0)
     opt.param_groups[0]["lr"] = 1.0 + rank
     try:
         opt.step(lambda: model(x[0, rank * 2 : rank * 2 + 2]) - y[0, rank * 2 : rank * 2 + 2])
@@ -338,7 +344,9 @@ def disagreeing_ranks(rank: int, world: int) -> dict:
         errors.append(str(exc))
     ddp_error = None
     try:
-        torchsven.Sven(nn.parallel.DistributedDataParallel(model), process_group=group())
+        torchsven.Sven(
+            nn.parallel.DistributedDataParallel(model), process_group=group(), damping=0.0
+        )
     except TypeError as exc:
         ddp_error = str(exc)
     return {"errors": errors, "ddp": ddp_error}
@@ -535,7 +543,7 @@ def test_process_group_without_init_is_rejected() -> None:
     assert not dist.is_initialized()
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="init_process_group"):
-        torchsven.Sven(model, process_group=object())
+        torchsven.Sven(model, process_group=object(), damping=0.0)
 
 
 def test_bench_traffic_formulas() -> None:

@@ -78,7 +78,7 @@ def test_sven_step_equals_reference_svd_step():
     jac, rows = dense_jacobian(case.residuals, params)
     expected, kept, _ = reference_step(jac, rows, rtol=1e-3)
     before = flat(params)
-    opt = torchsven.Sven(case.model, lr=0.7, backend="factored")
+    opt = torchsven.Sven(case.model, lr=0.7, backend="factored", damping=0.0)
     opt.step(case.residuals)
     assert opt.last_step.backend == "factored" and opt.last_step.kept == kept
     assert rel_err(flat(params) - before, -0.7 * expected) <= TOL
@@ -102,7 +102,7 @@ def test_per_group_lr_and_frozen_group_with_model_keyword():
         ]
     )
     before, frozen = flat(trainable), flat(model[0].parameters())
-    opt = torchsven.Sven(groups, model=model)
+    opt = torchsven.Sven(groups, model=model, damping=0.0)
     opt.step(case.residuals)
     assert opt.last_step.backend == "factored"
     assert torch.equal(flat(model[0].parameters()), frozen)
@@ -113,7 +113,7 @@ def test_unused_module_gets_a_zero_step():
     case = mlp(n=8, width=5)
     model = nn.ModuleDict({"net": case.model, "unused": nn.Linear(2, 2).double()})
     before = flat(model["unused"].parameters())
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     opt.step(lambda: model["net"](case.inputs) - case.targets)
     assert opt.last_step.backend == "factored"
     assert torch.equal(flat(model["unused"].parameters()), before)
@@ -197,7 +197,7 @@ def _guard_setups():
 )
 def test_guard_falls_back_and_equals_generic(name):
     model, closure, reason = _guard_setups()[name]
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     start = flat(model.parameters())
     with pytest.warns(SvenFallbackWarning, match=reason):
         opt.step(closure)
@@ -205,7 +205,7 @@ def test_guard_falls_back_and_equals_generic(name):
     got = flat(model.parameters()) - start
     twin, twin_closure, _ = _guard_setups()[name]  # same seed: identical model and data
     assert torch.equal(flat(twin.parameters()), start)
-    torchsven.Sven(twin, backend="generic").step(twin_closure)
+    torchsven.Sven(twin, backend="generic", damping=0.0).step(twin_closure)
     assert rel_err(got, flat(twin.parameters()) - start) <= TOL
 
 
@@ -237,7 +237,7 @@ def _count_backward_inputs(backend: FactoredBackend) -> list[int]:
 
 def test_verified_structure_skips_weight_gradients_and_stays_exact():
     case = mlp(n=7, d_in=3, width=5, d_out=1)
-    opt = torchsven.Sven(case.model, backend="factored")
+    opt = torchsven.Sven(case.model, backend="factored", damping=0.0)
     opt.step(case.residuals)  # builds the backend (first step: full check)
     backend = opt.backend
     seen = _count_backward_inputs(backend)
@@ -258,7 +258,7 @@ def test_idle_outside_path_is_caught_when_it_starts_to_contribute():
     torch.manual_seed(0)
     model = GatedSneaky().double()
     x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     opt.step(lambda: model(x) - y)  # gate 0: exact, verified
     assert opt.last_step.backend == "factored"
     model.gate.fill_(0.5)  # same graph, the weight's second use now contributes
@@ -267,7 +267,7 @@ def test_idle_outside_path_is_caught_when_it_starts_to_contribute():
     with pytest.warns(SvenFallbackWarning, match="do not reproduce"):
         opt.step(lambda: model(x) - y)
     assert opt.last_step.backend == "generic"
-    torchsven.Sven(twin, backend="generic").step(lambda: twin(x) - y)
+    torchsven.Sven(twin, backend="generic", damping=0.0).step(lambda: twin(x) - y)
     got, want = flat(model.parameters()) - start, flat(twin.parameters()) - start
     assert rel_err(got, want) <= TOL
 
@@ -275,7 +275,7 @@ def test_idle_outside_path_is_caught_when_it_starts_to_contribute():
 def test_pde_closure_after_plain_steps_is_a_new_structure():
     model, closure, _ = _guard_setups()["pde-closure"]
     x = torch.linspace(0, 1, 9, dtype=torch.float64).unsqueeze(1)
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     for _ in range(2):  # plain rows of the same module calls: factored, verified
         opt.step(lambda: model(x) - torch.sin(x))
         assert opt.last_step.backend == "factored"
@@ -302,7 +302,7 @@ def test_graph_fingerprint_tells_structures_apart():
 
 def test_fallback_warns_once_and_is_remembered():
     model, closure, _ = _guard_setups()["coupled-samples"]
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     with pytest.warns(SvenFallbackWarning):
         opt.step(closure)
     with warnings.catch_warnings():
@@ -313,7 +313,7 @@ def test_fallback_warns_once_and_is_remembered():
 
 def test_probe_runs_on_new_structures_or_always():
     case = layer_case("batchnorm-eval")
-    opt = torchsven.Sven(case.model, backend="factored", rtol=1e-2)
+    opt = torchsven.Sven(case.model, backend="factored", rtol=1e-2, damping=0.0)
     backend = opt.backend
     for _ in range(3):
         opt.step(case.residuals)
@@ -324,7 +324,7 @@ def test_probe_runs_on_new_structures_or_always():
     case.model.eval()
     opt.step(case.residuals)
     assert opt.last_step.backend == "factored" and backend.probes == 1
-    always = torchsven.Sven(case.model, backend="factored", verify="always", rtol=1e-2)
+    always = torchsven.Sven(case.model, backend="factored", verify="always", rtol=1e-2, damping=0.0)
     for _ in range(3):
         always.step(case.residuals)
     assert always.backend.probes == 3
@@ -343,7 +343,7 @@ def test_marked_coupling_module_falls_back():
 def test_scripted_model_falls_back_with_a_clear_message():
     case = mlp(n=6, width=4)
     scripted = torch.jit.script(case.model)
-    opt = torchsven.Sven(scripted, backend="auto")
+    opt = torchsven.Sven(scripted, backend="auto", damping=0.0)
     with pytest.warns(SvenFallbackWarning, match="scripted"):
         opt.step(lambda: scripted(case.inputs) - case.targets)
     assert opt.last_step.backend == "generic"
@@ -371,7 +371,7 @@ def test_hooks_never_leak():
     model.register_forward_hook(lambda *a: None)  # a user hook stays as it is
     before = _hook_state(model)
     attrs = set(vars(model))
-    opt = torchsven.Sven(model, backend="factored", rtol=1e-2)
+    opt = torchsven.Sven(model, backend="factored", rtol=1e-2, damping=0.0)
     opt.step(case.residuals)
     assert _hook_state(model) == before
 
@@ -385,7 +385,7 @@ def test_hooks_never_leak():
     sneaky, closure, _ = _guard_setups()["layer-used-twice"]
     state = _hook_state(sneaky)
     with pytest.warns(SvenFallbackWarning):
-        torchsven.Sven(sneaky, backend="factored").step(closure)
+        torchsven.Sven(sneaky, backend="factored", damping=0.0).step(closure)
     assert _hook_state(sneaky) == state
     assert set(vars(model)) == attrs
 
@@ -393,17 +393,17 @@ def test_hooks_never_leak():
 def test_backend_choice_and_bad_input():
     case = mlp(n=6, width=4)
     with pytest.raises(ValueError, match="backend='factored' needs the model"):
-        torchsven.Sven(case.params(), backend="factored")
+        torchsven.Sven(case.params(), backend="factored", damping=0.0)
     with pytest.raises(ValueError, match="verify"):
-        torchsven.Sven(case.model, verify="sometimes")
+        torchsven.Sven(case.model, verify="sometimes", damping=0.0)
     with pytest.raises(ValueError, match="microbatch_size"):
-        torchsven.Sven(case.model, microbatch_size=0)
+        torchsven.Sven(case.model, microbatch_size=0, damping=0.0)
     with pytest.raises(TypeError, match="microbatch_size"):
-        torchsven.Sven(case.model, microbatch_size=2.0)
-    opt = torchsven.Sven(case.params())  # auto without a model: generic
+        torchsven.Sven(case.model, microbatch_size=2.0, damping=0.0)
+    opt = torchsven.Sven(case.params(), damping=0.0)  # auto without a model: generic
     opt.step(case.residuals)
     assert opt.last_step.backend == "generic"
-    opt = torchsven.Sven(case.model)  # auto with the model: factored
+    opt = torchsven.Sven(case.model, damping=0.0)  # auto with the model: factored
     opt.step(case.residuals)
     assert opt.last_step.backend == "factored"
 
@@ -438,7 +438,7 @@ def test_microbatches_match_the_dense_definition(backend, kind):
     expected, kept, _ = reference_step(jac_g, rows_g)
     params = case.params()
     before = flat(params)
-    opt = torchsven.Sven(case.model, backend=backend, microbatch_size=b)
+    opt = torchsven.Sven(case.model, backend=backend, microbatch_size=b, damping=0.0)
     opt.step(case.residuals)
     assert opt.last_step.backend == backend and opt.last_step.rows == rows_g.numel()
     assert opt.last_step.kept == kept
@@ -461,7 +461,7 @@ def test_microbatch_gram_is_pooled_with_cross_terms():
 def test_microbatch_group_with_zero_residuals_has_no_nan():
     case = mlp(n=6, width=4)
     case.targets[:3] = case.model(case.inputs[:3]).detach()  # first group solved exactly
-    opt = torchsven.Sven(case.model, microbatch_size=3)
+    opt = torchsven.Sven(case.model, microbatch_size=3, damping=0.0)
     opt.step(case.residuals)
     assert all(torch.isfinite(p).all() for p in case.params())
 

@@ -53,7 +53,7 @@ class Automatic(L.LightningModule):
         self.net = nn.Linear(2, 1)
 
     def configure_optimizers(self) -> torchsven.Sven:
-        return torchsven.Sven(self.net)
+        return torchsven.Sven(self.net, damping=0.0)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -106,7 +106,7 @@ def test_plain_trainer_with_sven_says_to_override_training_step():
             model=model,
             args=args,
             train_dataset=example["Contains"](16),
-            optimizers=(torchsven.Sven(model), None),
+            optimizers=(torchsven.Sven(model, damping=0.0), None),
         )
         with pytest.raises(TypeError, match=r"override training_step.*hf_trainer\.py"):
             trainer.train()
@@ -115,7 +115,7 @@ def test_plain_trainer_with_sven_says_to_override_training_step():
 def test_client_checks_stay_silent_outside_the_frameworks():
     check_closure_output(torch.ones(()))  # plain 0-dim output: the usual error follows
     check_closure(None)
-    opt = torchsven.Sven(nn.Linear(2, 1))
+    opt = torchsven.Sven(nn.Linear(2, 1), damping=0.0)
     with pytest.raises(ValueError, match="0-dim tensor"):
         opt.step(lambda: torch.ones((), requires_grad=True))
     with pytest.raises(TypeError, match="needs a closure"):
@@ -132,7 +132,7 @@ def test_compiled_closure_falls_back_naming_torch_compile(fullgraph):
         model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
         model.load_state_dict(init)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
-        opt = torchsven.Sven(model, backend=backend)
+        opt = torchsven.Sven(model, backend=backend, damping=0.0)
         before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         if backend == "auto":
             with pytest.warns(SvenFallbackWarning, match=r"torch\.compile-d.*uncompiled model"):

@@ -27,7 +27,10 @@ def _gap_cut(s: torch.Tensor, lo: int = 1) -> float:
 
 
 def _step_and_reference(case: Case, lr: float = 1.0, **options):
-    """Take one Sven step; return (actual change, reference change, kept, ref kept)."""
+    """Take one Sven step; return (actual change, reference change, kept, ref kept).
+
+    Undamped unless ``damping`` is given (the library's default is adaptive)."""
+    options.setdefault("damping", 0.0)
     params = case.params()
     jac, rows = dense_jacobian(case.residuals, params)
     filt = {k: options[k] for k in ("rank", "rtol", "atol", "damping") if k in options}
@@ -84,7 +87,7 @@ def test_float32_model_matches_upcast_reference():
     rtol = _gap_cut(s)
     expected, kept, _ = reference_step(jac, rows, rtol=rtol)
     before = flat(params)
-    opt = torchsven.Sven(case.model, lr=1.0, rtol=rtol)
+    opt = torchsven.Sven(case.model, lr=1.0, rtol=rtol, damping=0.0)
     opt.step(case.residuals)
     assert opt.last_step.kept == kept
     assert params[0].dtype == torch.float32
@@ -105,7 +108,7 @@ def test_per_group_lr_scales_slices_of_one_solve():
     )
     before = flat(params)
     groups = [{"params": params[:2], "lr": 0.5}, {"params": params[2:], "lr": 0.25}]
-    opt = torchsven.Sven(groups, rtol=0.0, atol=1e-12)
+    opt = torchsven.Sven(groups, rtol=0.0, atol=1e-12, damping=0.0)
     opt.step(case.residuals)
     assert rel_err(flat(params) - before, -scale * expected) <= 1e-10
 
@@ -117,13 +120,14 @@ def test_frozen_parameters_are_left_out_of_the_jacobian(how):
     first = model[0]
     if how == "requires_grad":
         first.requires_grad_(False)
-        opt = torchsven.Sven(model, rtol=0.0, atol=1e-12, backend="generic")
+        opt = torchsven.Sven(model, rtol=0.0, atol=1e-12, backend="generic", damping=0.0)
     else:
         rest = [p for n, p in model.named_parameters() if not n.startswith("0.")]
         opt = torchsven.Sven(
             [{"params": list(first.parameters()), "lr": 0.0}, {"params": rest}],
             rtol=0.0,
             atol=1e-12,
+            damping=0.0,
         )
     trainable = [p for n, p in model.named_parameters() if not n.startswith("0.")]
     jac, rows = dense_jacobian(case.residuals, trainable)
@@ -162,7 +166,7 @@ def test_closure_with_input_derivatives_matches_reference(mode):
     rtol = _gap_cut(s)
     expected, kept, _ = reference_step(jac, rows, rtol=rtol)
     before = flat(params)
-    opt = torchsven.Sven(model, lr=1.0, rtol=rtol)
+    opt = torchsven.Sven(model, lr=1.0, rtol=rtol, damping=0.0)
     opt.step(lambda: poisson_1d_residuals(model, x))
     assert opt.last_step.kept == kept
     assert rel_err(flat(params) - before, -expected) <= 1e-10
@@ -190,7 +194,7 @@ def test_step_never_touches_grad_and_returns_the_closure_value():
     case = CASES["mlp-wide"]()
     for p in case.params():
         p.grad = torch.full_like(p, 7.0)
-    opt = torchsven.Sven(case.model)
+    opt = torchsven.Sven(case.model, damping=0.0)
     calls = []
 
     def closure():
@@ -211,7 +215,7 @@ def test_model_is_not_mutated():
         (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
         for m in model.modules()
     ]
-    opt = torchsven.Sven(model)
+    opt = torchsven.Sven(model, damping=0.0)
     opt.step(case.residuals)
     assert set(vars(model)) == attrs
     assert hooks == [

@@ -296,7 +296,7 @@ def test_multi_output_jet_rows_and_microbatches_on_the_factored_backend() -> Non
     expected, _, _ = reference_step(
         *dense_jacobian(lambda: group_rows(lap_rows(), 2), params)  # row = norm of 2 samples
     )
-    opt = torchsven.Sven(model, backend="factored", microbatch_size=2)
+    opt = torchsven.Sven(model, backend="factored", microbatch_size=2, damping=0.0)
     before = flat(params)
     with warnings.catch_warnings():
         warnings.simplefilter("error", SvenFallbackWarning)
@@ -319,7 +319,7 @@ def test_guard_rejects_a_wrong_channel_mark() -> None:
 
     params = list(model.parameters())
     reference = GenericBackend().direction(rows(), params, SpectralFilter())
-    opt = torchsven.Sven(model, backend="factored")
+    opt = torchsven.Sven(model, backend="factored", damping=0.0)
     before = flat(params)
     with pytest.warns(SvenFallbackWarning, match="'0'"):
         opt.step(rows)
@@ -412,7 +412,9 @@ def test_matrix_free_step_on_jet_rows_equals_the_exact_step() -> None:
     jac, rows = dense_jacobian(lambda: jet_rows(model, interior, boundary), params)
     rank = min(jac.shape)
     expected, kept, _ = reference_step(jac, rows, rank=rank)
-    opt = torchsven.Sven(model, rank=rank, randomized=True, oversample=4, backend="factored")
+    opt = torchsven.Sven(
+        model, rank=rank, randomized=True, oversample=4, backend="factored", damping=0.0
+    )
     before = flat(params)
     opt.step(lambda: jet_rows(model, interior, boundary))
     assert opt.last_step.backend == "factored" and opt.last_step.solver == "matfree"

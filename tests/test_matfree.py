@@ -134,7 +134,7 @@ def test_factored_matfree_step_with_full_sketch_equals_exact(kind):
     jac, r = dense_jacobian(ref.residuals, ref.params())
     rank = min(jac.shape)
     expected, kept, _ = reference_step(jac, r, rank=rank)
-    opt = torchsven.Sven(case.model, lr=1.0, rank=rank, randomized=True, oversample=4)
+    opt = torchsven.Sven(case.model, lr=1.0, rank=rank, randomized=True, oversample=4, damping=0.0)
     before = flat(case.params())
     opt.step(case.residuals)
     assert rel_err(before - flat(case.params()), expected) < TOL
@@ -169,7 +169,13 @@ def test_generic_sven_goes_matrix_free_for_many_rows():
     jac, r = dense_jacobian(ref.residuals, ref.params())
     expected, _, _ = reference_step(jac, r, rank=17)
     opt = torchsven.Sven(
-        case.model, rank=4, randomized=True, oversample=4, power_iters=0, backend="generic"
+        case.model,
+        rank=4,
+        randomized=True,
+        oversample=4,
+        power_iters=0,
+        backend="generic",
+        damping=0.0,
     )
     assert 40 > 4 * 1 * 8
     # rank 4 with 8 columns is not exact; check the full-range twin by a direct call
@@ -194,7 +200,7 @@ def test_float32_model_matches_float64_reference():
     ref.targets = ref.targets.double()
     jac, r = dense_jacobian(ref.residuals, ref.params())
     expected, _, _ = reference_step(jac, r, rank=12, rtol=1e-3)
-    opt = torchsven.Sven(case.model, rank=12, randomized=True, oversample=2)
+    opt = torchsven.Sven(case.model, rank=12, randomized=True, oversample=2, damping=0.0)
     before = flat(case.params())
     opt.step(case.residuals)
     assert rel_err(before - flat(case.params()), expected) < 1e-3
@@ -210,7 +216,7 @@ def test_truncated_step_decrease_and_spectrum_estimate():
     def decrease(step):
         return 0.5 * float(r.square().sum() - (r - jac @ step).square().sum())
 
-    opt = torchsven.Sven(case.model, rank=8, randomized=True)
+    opt = torchsven.Sven(case.model, rank=8, randomized=True, damping=0.0)
     before = flat(case.params())
     opt.step(case.residuals)
     step = before - flat(case.params())

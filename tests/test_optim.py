@@ -46,7 +46,7 @@ def _state_equal(a, b) -> bool:
 def _trained_opt():
     """An optimizer that has already taken a step (so state and last_step exist)."""
     case = CASES["mlp-wide"]()
-    opt = torchsven.Sven(case.model, lr=0.5)
+    opt = torchsven.Sven(case.model, lr=0.5, damping=0.0)
     opt.step(case.residuals)
     return case, opt
 
@@ -155,16 +155,16 @@ def test_mixed_dtypes_and_devices_are_rejected():
     a = nn.Parameter(torch.zeros(2, dtype=torch.float64))
     b = nn.Parameter(torch.zeros(2, dtype=torch.float32))
     with pytest.raises(ValueError, match="one dtype"):
-        torchsven.Sven([a, b])
+        torchsven.Sven([a, b], damping=0.0)
     meta = nn.Parameter(torch.zeros(2, dtype=torch.float64, device="meta"))
     with pytest.raises(ValueError, match="one device"):
-        torchsven.Sven([a, meta])
-    opt = torchsven.Sven([a])
+        torchsven.Sven([a, meta], damping=0.0)
+    opt = torchsven.Sven([a], damping=0.0)
     with pytest.raises(ValueError, match="one dtype"):
         opt.add_param_group({"params": [b]})
     assert len(opt.param_groups) == 1
     with pytest.raises(TypeError, match="floating-point"):
-        torchsven.Sven([torch.zeros(2, dtype=torch.long)])
+        torchsven.Sven([torch.zeros(2, dtype=torch.long)], damping=0.0)
 
 
 @pytest.mark.parametrize("key", ["rank", "rtol", "atol", "damping", "backend", "solver"])
@@ -172,8 +172,8 @@ def test_param_group_may_not_set_global_options(key):
     case = CASES["mlp-wide"]()
     params = case.params()
     with pytest.raises(ValueError, match=f"param group sets '{key}'"):
-        torchsven.Sven([{"params": params, key: 1}])
-    opt = torchsven.Sven(params[:2])
+        torchsven.Sven([{"params": params, key: 1}], damping=0.0)
+    opt = torchsven.Sven(params[:2], damping=0.0)
     with pytest.raises(ValueError, match=f"param group sets '{key}'"):
         opt.add_param_group({"params": params[2:], key: 1})
     assert len(opt.param_groups) == 1
@@ -196,7 +196,7 @@ def test_all_zero_jacobian_is_a_no_op_step():
         model[2].weight.zero_()
         model[2].bias.zero_()
     x = torch.randn(5, 3, dtype=torch.float64)
-    opt = torchsven.Sven(model)
+    opt = torchsven.Sven(model, damping=0.0)
     before = flat(model.parameters())
     out = opt.step(lambda: model(x).relu() * 0.0 + model[0](x).relu().sum(1, keepdim=True))
     assert torch.equal(flat(model.parameters()), before)
@@ -211,7 +211,7 @@ def test_no_trainable_parameters_is_a_no_op_step():
     case = CASES["mlp-wide"]()
     case.model.requires_grad_(False)
     x = nn.Parameter(torch.ones(2, dtype=torch.float64))  # rows need a grad_fn
-    opt = torchsven.Sven(case.model)
+    opt = torchsven.Sven(case.model, damping=0.0)
     before = flat(case.model.parameters())
     opt.step(lambda: x * 2.0)
     assert torch.equal(flat(case.model.parameters()), before)
@@ -221,7 +221,7 @@ def test_no_trainable_parameters_is_a_no_op_step():
 # ---------------------------------------------------------------- contract
 def test_step_info_fields():
     case = mlp(n=9, width=5, d_out=2)
-    opt = torchsven.Sven(case.model, rtol=1e-3)
+    opt = torchsven.Sven(case.model, rtol=1e-3, damping=0.0)
     assert opt.last_step is None
     rows = case.residuals().detach()
     opt.step(case.residuals)
@@ -243,7 +243,7 @@ def test_step_info_fields():
 
 def test_closure_runs_under_enable_grad():
     case = CASES["mlp-wide"]()
-    opt = torchsven.Sven(case.model)
+    opt = torchsven.Sven(case.model, damping=0.0)
     seen = []
 
     def closure():
@@ -257,7 +257,10 @@ def test_closure_runs_under_enable_grad():
 
 def test_zero_grad_is_harmless():
     a, b = CASES["mlp-wide"](), CASES["mlp-wide"]()
-    opt_a, opt_b = torchsven.Sven(a.model, lr=0.5), torchsven.Sven(b.model, lr=0.5)
+    opt_a, opt_b = (
+        torchsven.Sven(a.model, lr=0.5, damping=0.0),
+        torchsven.Sven(b.model, lr=0.5, damping=0.0),
+    )
     for _ in range(2):
         opt_a.zero_grad()
         opt_a.step(a.residuals)
@@ -268,19 +271,19 @@ def test_zero_grad_is_harmless():
 def test_model_keyword_with_param_groups():
     case = CASES["mlp-wide"]()
     groups = [{"params": case.params()[:2], "lr": 0.1}, {"params": case.params()[2:]}]
-    opt = torchsven.Sven(groups, model=case.model)
+    opt = torchsven.Sven(groups, model=case.model, damping=0.0)
     assert opt.model is case.model
     opt.step(case.residuals)
     with pytest.raises(ValueError, match="model= must be the same module"):
-        torchsven.Sven(case.model, model=nn.Linear(1, 1))
+        torchsven.Sven(case.model, model=nn.Linear(1, 1), damping=0.0)
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
-        torchsven.Sven(case.params(), model="net")
+        torchsven.Sven(case.params(), model="net", damping=0.0)
 
 
 def test_add_param_group_joins_the_solve():
     case = CASES["mlp-wide"]()
     params = case.params()
-    opt = torchsven.Sven(params[:2], lr=0.5)
+    opt = torchsven.Sven(params[:2], lr=0.5, damping=0.0)
     opt.add_param_group({"params": params[2:], "lr": 0.25})
     assert opt.param_groups[1]["lr"] == 0.25
     before = flat(params[2:])
@@ -289,7 +292,7 @@ def test_add_param_group_joins_the_solve():
 
 
 def _run(case, steps: int, opt=None, dtype_check=None):
-    opt = opt or torchsven.Sven(case.model, lr=0.6, rtol=1e-4)
+    opt = opt or torchsven.Sven(case.model, lr=0.6, rtol=1e-4, damping=0.0)
     for _ in range(steps):
         opt.step(case.residuals)
     return opt
@@ -308,7 +311,7 @@ def test_state_dict_resume_is_bit_for_bit(dtype):
     resumed = mlp(n=16, width=6, dtype=dtype, seed=99)  # different init, overwritten
     resumed.model.load_state_dict(saved["model"])
     resumed.inputs, resumed.targets = first.inputs, first.targets
-    opt2 = torchsven.Sven(resumed.model, lr=123.0, rtol=0.5)  # overwritten by the load
+    opt2 = torchsven.Sven(resumed.model, lr=123.0, rtol=0.5, damping=0.0)  # overwritten by the load
     opt2.load_state_dict(saved["opt"])
     assert opt2.options["rtol"] == 1e-4 and opt2.param_groups[0]["lr"] == 0.6
     _run(resumed, 3, opt2)
@@ -327,7 +330,7 @@ def test_load_state_dict_validates_options():
 
 def test_lr_schedulers_drive_sven():
     case = CASES["mlp-wide"]()
-    opt = torchsven.Sven(case.model, lr=1.0)
+    opt = torchsven.Sven(case.model, lr=1.0, damping=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     for _ in range(3):
         opt.step(case.residuals)
@@ -335,7 +338,7 @@ def test_lr_schedulers_drive_sven():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.125)
 
     plateau_case = CASES["mlp-wide"]()
-    opt = torchsven.Sven(plateau_case.model, lr=1.0)
+    opt = torchsven.Sven(plateau_case.model, lr=1.0, damping=0.0)
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.1, patience=0)
     x = plateau_case.inputs
     constant = nn.Parameter(torch.ones(1, dtype=torch.float64))

@@ -51,7 +51,12 @@ def test_precondition_pre_matches_reference(steps):
     case, ref = small_case(1), small_case(1)
     alpha, eps, lr = 0.9, 1e-6, 0.3
     opt = torchsven.Sven(
-        case.model, lr=lr, precondition="pre", rmsprop_alpha=alpha, rmsprop_eps=eps
+        case.model,
+        lr=lr,
+        precondition="pre",
+        rmsprop_alpha=alpha,
+        rmsprop_eps=eps,
+        damping=0.0,
     )
     v = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
     for _ in range(steps):
@@ -187,7 +192,7 @@ def test_variable_rank_matches_reference_greedy_scan():
             break
         best, best_f = m, f
     assert 0 < best < len(comps), "the case must stop the scan early"
-    opt = torchsven.Sven(case.model, lr=lr, variable_rank=True)
+    opt = torchsven.Sven(case.model, lr=lr, variable_rank=True, damping=0.0)
     opt.step(closure)
     assert rel_err(flat(case.params()), theta0 - lr * sum(comps[:best])) < TOL
     info = opt.last_step
@@ -237,7 +242,8 @@ def test_masks_match_reference(mask):
         param_fraction=fraction,
         mask=mask,
         seed=seed,
-        backend="generic",  # the exact SVD route: 1e-10 at rtol 1e-6 (a Gram route is ~1e-8)
+        backend="generic",  # the exact SVD route: 1e-10 at rtol 1e-6 (a Gram route is ~1e-8),
+        damping=0.0,
     )
     for _ in range(2):
         sel = masks.select(mask, fraction, ref.params(), ref.model, g)
@@ -287,7 +293,7 @@ def test_row_mask_skips_full_weight_gradients_and_leaves_model_alone():
     for p in case.params():
         p.register_hook(lambda g, p=p: fired.append(p.shape))
     before = {name: set(vars(m)) for name, m in case.model.named_modules()}
-    opt = torchsven.Sven(case.model, lr=0.5, param_fraction=0.5, mask="rows")
+    opt = torchsven.Sven(case.model, lr=0.5, param_fraction=0.5, mask="rows", damping=0.0)
     opt.step(case.residuals)
     assert fired == []  # autograd never formed a gradient of a whole user weight
     assert {name: set(vars(m)) for name, m in case.model.named_modules()} == before
@@ -317,7 +323,9 @@ def test_row_mask_layer_called_twice_matches_reference():
     sel = masks.select("rows", 0.5, ref.params(), ref.model, torch.Generator().manual_seed(4))
     assert len(sel.row_layers) == 2 and sel.row_leaves[1][1] is None  # frozen bias: constant
     expected = _masked_reference(ref, sel.index, rtol=1e-6)
-    opt = torchsven.Sven(model, lr=1.0, rtol=1e-6, param_fraction=0.5, mask="rows", seed=4)
+    opt = torchsven.Sven(
+        model, lr=1.0, rtol=1e-6, param_fraction=0.5, mask="rows", seed=4, damping=0.0
+    )
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
 
 
@@ -331,7 +339,7 @@ def test_row_mask_conv_matches_reference():
     sel = masks.select("rows", 0.5, ref.params(), ref.model, torch.Generator().manual_seed(2))
     assert [type(layer.module) for layer in sel.row_layers] == [nn.Conv1d, nn.Linear]
     expected = _masked_reference(ref, sel.index)
-    opt = torchsven.Sven(model, lr=1.0, param_fraction=0.5, mask="rows", seed=2)
+    opt = torchsven.Sven(model, lr=1.0, param_fraction=0.5, mask="rows", seed=2, damping=0.0)
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
 
 
@@ -410,6 +418,7 @@ def test_randomized_sven_full_sketch_equals_exact(backend, rank, oversample):
         oversample=oversample,
         power_iters=1,
         backend=backend,
+        damping=0.0,
     )
     assert rel_err(sven_update(opt, case, 1.0), expected) < TOL
     assert opt.last_step.backend == backend and opt.last_step.kept == rank
@@ -430,7 +439,7 @@ def test_effective_rank_definition():
 
 def test_spectrum_history_and_plot(tmp_path):
     case = small_case(9)
-    opt = torchsven.Sven(case.model, lr=0.3, spectrum_every=3)
+    opt = torchsven.Sven(case.model, lr=0.3, spectrum_every=3, damping=0.0)
     seen = []
     for _ in range(7):
         opt.step(case.residuals)
@@ -559,10 +568,10 @@ def test_invalid_options_raise(kw, error, match):
 def test_invalid_combinations_with_model_and_groups():
     case = small_case()
     with pytest.raises(ValueError, match="mask='rows' needs the model"):
-        torchsven.Sven(case.params(), param_fraction=0.5, mask="rows")
-    torchsven.Sven(case.params(), model=case.model, param_fraction=0.5, mask="rows")
+        torchsven.Sven(case.params(), param_fraction=0.5, mask="rows", damping=0.0)
+    torchsven.Sven(case.params(), model=case.model, param_fraction=0.5, mask="rows", damping=0.0)
     with pytest.raises(ValueError, match="param group sets 'momentum'"):
-        torchsven.Sven([{"params": case.params(), "momentum": 0.9}])
+        torchsven.Sven([{"params": case.params(), "momentum": 0.9}], damping=0.0)
 
 
 @pytest.mark.parametrize(
@@ -603,8 +612,8 @@ def test_failed_step_changes_nothing(kw):
 
 def test_options_inactive_by_default_match_plain_step():
     case, ref = small_case(13), small_case(13)
-    plain = torchsven.Sven(case.model, lr=0.4)
-    seeded = torchsven.Sven(ref.model, lr=0.4, seed=5, param_fraction=1.0, mask="rows")
+    plain = torchsven.Sven(case.model, lr=0.4, damping=0.0)
+    seeded = torchsven.Sven(ref.model, lr=0.4, seed=5, param_fraction=1.0, mask="rows", damping=0.0)
     for _ in range(2):
         plain.step(case.residuals)
         seeded.step(ref.residuals)
@@ -620,7 +629,7 @@ def test_variable_rank_rejects_non_finite_prefix():
         out = case.residuals()
         return out * float("nan") if calls["n"] == 3 else out
 
-    opt = torchsven.Sven(case.model, lr=0.1, variable_rank=True)
+    opt = torchsven.Sven(case.model, lr=0.1, variable_rank=True, damping=0.0)
     opt.step(closure)
     assert opt.last_step.extras["variable_rank"] == 1
     assert opt.last_step.extras["closure_calls"] == calls["n"] == 3
@@ -631,9 +640,9 @@ def test_globalized_steps_combine_with_direction_options_only():
     with pytest.raises(ValueError, match="cannot be combined with damping='adaptive' or line_"):
         torchsven.Sven(case.model, damping="adaptive", momentum=0.5)
     with pytest.raises(ValueError, match="cannot be combined with on_nonfinite='skip'"):
-        torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
+        torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True, damping=0.0)
     with pytest.raises(ValueError, match="precondition='post', momentum and variable_rank"):
-        torchsven.Sven(case.model, line_search="backtracking", precondition="post")
+        torchsven.Sven(case.model, line_search="backtracking", precondition="post", damping=0.0)
     from torchsven.config import check_compatible, make_config
 
     with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
@@ -756,7 +765,9 @@ def test_backend_independent_options_match_reference(backend):
     for other in BACKENDS:  # options that need the generic backend refuse the others
         if other not in ("auto", "generic"):
             with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
-                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="entries")
+                torchsven.Sven(
+                    case.model, backend=other, param_fraction=0.5, mask="entries", damping=0.0
+                )
 
 
 def test_precondition_pre_with_mask_matches_reference():
@@ -773,6 +784,7 @@ def test_precondition_pre_with_mask_matches_reference():
         param_fraction=fraction,
         mask="entries",
         seed=seed,
+        damping=0.0,
     )
     g = torch.Generator().manual_seed(seed)
     v = torch.zeros(sum(p.numel() for p in ref.params()), dtype=torch.float64)
@@ -807,7 +819,7 @@ def test_randomized_falls_back_to_generic_when_the_gram_backend_cannot():
     case, ref = Case("coupled", model, x, y), Case("coupled", copy.deepcopy(model), x, y)
     jac, r = dense_jacobian(ref.residuals, ref.params())
     expected, _, _ = reference_step(jac, r, rank=8)
-    opt = torchsven.Sven(model, lr=1.0, rank=8, randomized=True, oversample=0)
+    opt = torchsven.Sven(model, lr=1.0, rank=8, randomized=True, oversample=0, damping=0.0)
     with pytest.warns(torchsven.SvenFallbackWarning):
         got = sven_update(opt, case, 1.0)
     assert opt.last_step.backend == "generic" and opt.last_step.solver == "randomized"

@@ -280,7 +280,7 @@ def test_sven_step_on_a_pde_closure_equals_the_dense_reference(fast: bool) -> No
     )
     ref, kept, _ = reference_step(ref_jac, ref_rows, rtol=1e-6)
     before = flat(params)
-    opt = torchsven.Sven(model, lr=0.5, rtol=1e-6, backend="generic", solver="svd")
+    opt = torchsven.Sven(model, lr=0.5, rtol=1e-6, backend="generic", solver="svd", damping=0.0)
     rows_fn = problem.rows if fast else problem.rows_autograd
     opt.step(lambda: rows_fn(model, interior, boundary))
     assert opt.last_step.kept == kept
@@ -311,7 +311,7 @@ def test_sven_reports_group_norms_in_last_step() -> None:
     problem = poisson_2d(width=5)
     model = problem.make_model(seed=0)
     interior, boundary = BoxSampler(2, 20, 8, seed=0).sample(0)
-    opt = torchsven.Sven(model, lr=0.5)
+    opt = torchsven.Sven(model, lr=0.5, damping=0.0)
     opt.step(lambda: problem.rows(model, interior, boundary))
     groups = opt.last_step.extras["groups"]
     assert set(groups) == {"pde", "bc"}
@@ -377,7 +377,7 @@ def test_pointwise_rows_bad_input_leaves_the_optimizer_untouched() -> None:
     with pytest.raises(TypeError, match=r"model must be an nn\.Module"):
         pinn.pointwise_rows(lambda z: z, laplace_residual, x)
     before = flat(model.parameters())
-    opt = torchsven.Sven(model)
+    opt = torchsven.Sven(model, damping=0.0)
     with pytest.raises(ValueError, match="one entry per point"):
         opt.step(lambda: pinn.pointwise_rows(model, lambda u, z: u(z).sum(), x))
     assert torch.equal(flat(model.parameters()), before) and opt.last_step is None

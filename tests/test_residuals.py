@@ -87,7 +87,7 @@ def test_cross_entropy_rows_train_a_classifier():
     x = torch.randn(24, 4, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
     model = torch.nn.Linear(4, 2).double()
-    opt = torchsven.Sven(model, lr=0.5)
+    opt = torchsven.Sven(model, lr=0.5, damping=0.0)
 
     def closure():
         losses = torch.nn.functional.cross_entropy(model(x), y, reduction="none")

@@ -96,7 +96,9 @@ def test_resume_is_bit_for_bit(setting, dtype, backend):
     del model_b, opt_b
 
     model_c = copy.deepcopy(case.model)  # fresh objects, then load the checkpoint
-    opt_c = torchsven.Sven(model_c, backend=backend)  # options come from the checkpoint
+    opt_c = torchsven.Sven(
+        model_c, backend=backend, damping=0.0
+    )  # options come from the checkpoint
     model_c.load_state_dict(checkpoint["model"])
     opt_c.load_state_dict(checkpoint["opt"])
     _run(model_c, opt_c, case, batches, stop_at, steps, nan_at)

@@ -29,6 +29,7 @@ __all__ = [
     "SvenConfig",
     "check_compatible",
     "check_nonnegative",
+    "default_damping",
     "make_config",
     "parse_line_search",
     "with_overrides",
@@ -130,6 +131,10 @@ class BacktrackingLineSearch:
             )
 
 
+#: the default damping (frozen, so one instance can be shared)
+_ADAPTIVE = AdaptiveDamping()
+
+
 @dataclass(frozen=True)
 class SvenConfig:
     """Every validated option of one ``Sven`` (see its docstring for the meanings)."""
@@ -137,7 +142,7 @@ class SvenConfig:
     rank: int | None = None
     rtol: float = 1e-3
     atol: float = 1e-10
-    damping: float | AdaptiveDamping = 0.0
+    damping: float | AdaptiveDamping = _ADAPTIVE
     backend: str = "auto"
     solver: str = "auto"
     line_search: BacktrackingLineSearch | None = None
@@ -282,6 +287,23 @@ def parse_line_search(value: Any) -> BacktrackingLineSearch | None:
     )
 
 
+def default_damping(options: dict[str, Any]) -> str | float:
+    """``damping=None``: "adaptive", or 0 where an option cannot combine with it.
+
+    Adaptive damping is the default because it never diverged on the benchmark
+    (``benchmarks/defaults/``); options that change the update after the solve
+    (``precondition="post"``, ``momentum``, ``variable_rank``) or search along it
+    (``line_search``) take the plain, undamped step instead.
+    """
+    plain = (
+        options.get("precondition") == "post"
+        or options.get("momentum", 0.0) not in (0, 0.0)
+        or options.get("variable_rank") is True
+        or options.get("line_search") not in (None, False)
+    )
+    return 0.0 if plain else "adaptive"
+
+
 def make_config(**options: Any) -> SvenConfig:
     """Validate ``Sven``'s options (any subset; the rest take their defaults).
 
@@ -293,7 +315,9 @@ def make_config(**options: Any) -> SvenConfig:
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"unknown Sven options {unknown}")
-    o = {**{f.name: f.default for f in fields(SvenConfig)}, "rtol": None, **options}
+    defaults = {f.name: f.default for f in fields(SvenConfig)}
+    o = {**defaults, "rtol": None, "damping": None, **options}
+    o["damping"] = default_damping(o) if o["damping"] is None else o["damping"]
     damping = parse_damping(o["damping"])
     rtol = default_rtol(damping) if o["rtol"] is None else check_nonnegative("rtol", o["rtol"])
     if not isinstance(o["backend"], str) or o["backend"] not in BACKENDS:

@@ -63,10 +63,14 @@ class Sven(torch.optim.Optimizer):
         rtol: relative cut on singular values; None: 1e-3 (the paper's), or 0 with
             ``damping="adaptive"`` (the damping takes the place of the cut).
         atol: absolute cut on singular values.
-        damping: Tikhonov damping ``mu >= 0`` (units of ``s^2``), or "adaptive"
-            (Levenberg-Marquardt: ``mu = lambda s_1^2`` with ``lambda`` set by the
-            gain ratio; steps that do not reduce ``0.5 ||r||^2`` are undone; one more
-            closure call per step), or a :class:`torchsven.AdaptiveDamping` with options.
+        damping: None (default): "adaptive", or 0 with ``momentum``,
+            ``precondition="post"``, ``variable_rank`` or ``line_search`` (which adaptive
+            damping does not combine with). "adaptive": Levenberg-Marquardt, ``mu =
+            lambda s_1^2`` with ``lambda`` set by the gain ratio; steps that do not
+            reduce ``0.5 ||r||^2`` are undone; one more closure call per step; never
+            diverged on the benchmark tasks (``benchmarks/defaults/``). A number: fixed
+            Tikhonov damping ``mu >= 0`` (units of ``s^2``; 0 is the paper's plain step).
+            Or a :class:`torchsven.AdaptiveDamping` with options.
         backend: "auto" (factored when the model is known, falling back to generic
             for any step it cannot compute exactly), "factored" or "generic".
         model: the module the parameters belong to, when ``params`` are groups.
@@ -123,7 +127,7 @@ class Sven(torch.optim.Optimizer):
         rank: int | None = None,
         rtol: float | None = None,
         atol: float = 1e-10,
-        damping: float | str | AdaptiveDamping = 0.0,
+        damping: float | str | AdaptiveDamping | None = None,
         backend: str = "auto",
         *,
         model: nn.Module | None = None,

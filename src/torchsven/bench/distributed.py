@@ -113,7 +113,9 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], results: Any)
         lo = sum(sizes[:rank])
         xs, ys = x[lo : lo + sizes[rank]], y[lo : lo + sizes[rank]]
         group = dist.group.WORLD if world > 1 else None
-        opt = torchsven.Sven(model, lr=0.1, backend=cfg["backend"], process_group=group)
+        opt = torchsven.Sven(
+            model, lr=0.1, backend=cfg["backend"], process_group=group, damping=0.0
+        )
         times, comm, extras = [], [], {}
         for step in range(cfg["warmup"] + cfg["steps"]):
             dist.barrier()

@@ -105,9 +105,7 @@ class SpeedCase:
     authors: bool = False
 
 
-def _mlp(
-    d_in: int, width: int, depth: int, d_out: int, act: type[nn.Module] = nn.Tanh, grid=False
-):
+def _mlp(d_in: int, width: int, depth: int, d_out: int, act: type[nn.Module] = nn.Tanh, grid=False):
     def build(n: int):
         torch.manual_seed(0)
         layers: list[nn.Module] = []
@@ -246,7 +244,7 @@ def _stepper(method: str, model: nn.Module, rows, loss) -> Callable[[], None]:
             opt.step()
 
         return first_order_step
-    kwargs: dict[str, Any] = {"lr": 0.1}
+    kwargs: dict[str, Any] = {"lr": 0.1, "damping": 0.0}  # the plain step
     if method == "factored":
         kwargs["backend"] = "factored"
     elif method == "factored-verify":
