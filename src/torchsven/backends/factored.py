@@ -63,6 +63,10 @@ __all__ = ["VERIFY_MODES", "FactoredBackend"]
 VERIFY_MODES = ("auto", "always")
 
 _F64 = torch.float64
+#: Width of the (cheap, Kronecker) sketch relative to the rank-k basis on the matrix-free
+#: path: at N = 1024 (MLP 32-256-256-1, k = 64) factor 4 lifted the rank-64 step's
+#: linearised decrease from 0.72x to 0.82-0.96x of the exact step's without power iterations.
+SKETCH_FACTOR = 4.0
 _NORMS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
@@ -296,6 +300,7 @@ class FactoredBackend(Backend):
         power_iters: int,
         generator: torch.Generator,
         probes: int = 4,
+        sketch_factor: float = SKETCH_FACTOR,
     ) -> Direction:
         """Rank-k step touching ``K = J J^T`` only through block products from the factors.
 
@@ -303,15 +308,19 @@ class FactoredBackend(Backend):
         columns and ``power_iters`` power iterations, then the filtered
         Rayleigh-Ritz step (:mod:`torchsven.matfree`); same hooks, guard and
         probe as :meth:`direction`. ``solver`` is "matfree"; the Ritz values are
-        the singular values reported, ``extras`` holds ``sketch_residual``
-        (estimated ``||(I - Q Q^T) J||_F / ||J||_F``), ``sketch_columns`` and
-        ``block_products``.
+        the singular values reported. The Kronecker sketch costs about a forward
+        pass, so ``sketch_factor`` times wider sketch is drawn and its top
+        singular vectors kept (:func:`torchsven.matfree.range_finder`).
+        ``extras`` holds ``sketch_residual`` (estimated ``||(I - Q Q^T) J||_F /
+        ||J||_F``), ``sketch_columns`` and ``block_products``.
         """
 
         def use(rows: Tensor, params: list[Tensor], contributions: Any, layout: RowLayout):
             op = FactoredJacobian(params, contributions, layout)
             width = max(1, min(columns, layout.rows))
-            sketch = range_finder(op, width, power_iters, generator, probes)
+            sketch = range_finder(
+                op, width, power_iters, generator, probes, sketch_factor=sketch_factor
+            )
             ritz = ritz_step(sketch, rows.detach(), filt)
             step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
             row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
