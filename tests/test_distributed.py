@@ -216,6 +216,29 @@ def trial_raise(rank: int) -> dict:
     return {"raised": raised, "unchanged": flat(model) == before and opt.last_step is None}
 
 
+#: update options with a process group: the update chain runs on the identical evaluation
+CHAINED = {"momentum": {"momentum": 0.5}, "post": {"precondition": "post"}}
+
+
+def chained_run(rank: int, split: list[int], options: dict, group=None) -> list[list[float]]:
+    """Sven(model, lr=0.3, **options) for STEPS steps on rank ``rank``'s rows."""
+    import torchsven
+
+    model, _, x, y = build(sum(split))
+    opt = torchsven.Sven(model, lr=0.3, rtol=RTOL, process_group=group, **options)
+    part = local_slice(split, rank)
+    history = []
+    for t in range(STEPS):
+        opt.step(lambda t=t: model(x[t, part]) - y[t, part])
+        history.append(flat(model))
+    return history
+
+
+@check
+def chained(rank: int, world: int) -> dict:
+    return {name: chained_run(rank, SPLITS[world], o, group()) for name, o in CHAINED.items()}
+
+
 @check
 def example_script(rank: int, world: int) -> int:
     """examples/distributed_regression.py (torchrun's entry point) on this group."""
@@ -341,6 +364,7 @@ PLAN = [
         2,
         [
             "globalised",
+            "chained",
             "uneven_generic",
             "even_generic",
             "uneven_factored",
@@ -442,6 +466,7 @@ def test_data_parallel_equals_one_process(world: int, spawned: dict[int, list[di
     _check_raising(ranks, world)
     if world == 2:
         _check_globalised(ranks)
+        _check_chained(ranks)
     else:
         _check_example_and_disagreement(ranks)
 
@@ -464,6 +489,15 @@ def _check_globalised(ranks: list[dict]) -> None:
             assert abs(out["loss"] - expected["loss"]) <= 1e-10 * expected["loss"]
             for t in range(STEPS):
                 assert rel_err(as64(out["history"][t]), as64(expected["history"][t])) <= 1e-10
+
+
+def _check_chained(ranks: list[dict]) -> None:
+    world = len(ranks)
+    for name, options in CHAINED.items():
+        expected = chained_run(0, [sum(SPLITS[world])], options)
+        for out in (_ok(r["chained"])[name] for r in ranks):
+            for t in range(STEPS):
+                assert rel_err(as64(out[t]), as64(expected[t])) <= 1e-10, (name, t)
 
 
 def _check_example_and_disagreement(ranks: list[dict]) -> None:

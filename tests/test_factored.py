@@ -222,7 +222,7 @@ def test_fallback_warns_once_and_is_remembered():
 def test_probe_runs_on_new_structures_or_always():
     case = layer_case("batchnorm-eval")
     opt = torchsven.Sven(case.model, backend="factored", rtol=1e-2)
-    backend = opt._backends()[0]
+    backend = opt.backend
     for _ in range(3):
         opt.step(case.residuals)
     assert backend.probes == 1 and opt.last_step.backend == "factored"
@@ -235,7 +235,7 @@ def test_probe_runs_on_new_structures_or_always():
     always = torchsven.Sven(case.model, backend="factored", verify="always", rtol=1e-2)
     for _ in range(3):
         always.step(case.residuals)
-    assert always._backends()[0].probes == 3
+    assert always.backend.probes == 3
 
 
 def test_marked_coupling_module_falls_back():
@@ -382,10 +382,24 @@ def test_jacobian_helper_unchanged_for_generic_users():
     assert rel_err(jac, ref) <= 1e-14
 
 
-def test_microbatch_refuses_globalised_steps():
-    case = mlp(n=6, width=4)
-    with pytest.raises(ValueError, match="microbatch_size cannot be combined"):
-        torchsven.Sven(case.model, microbatch_size=2, damping="adaptive")
+@pytest.mark.parametrize("globalised", [{"damping": "adaptive"}, {"line_search": True}])
+def test_microbatch_with_globalised_steps_matches_generic(globalised):
+    """The trial calls compare the objective, which grouping leaves unchanged."""
+    case, twin = mlp(n=6, width=4), mlp(n=6, width=4)
+    twin.model.load_state_dict(case.model.state_dict())
+    fast = torchsven.Sven(case.model, microbatch_size=2, **globalised)
+    slow = torchsven.Sven(twin.model, microbatch_size=2, backend="generic", **globalised)
+    start = 0.5 * float(case.residuals().detach().square().sum())
+    for _ in range(4):
+        fast.step(case.residuals)
+        slow.step(twin.residuals)
+        assert fast.last_step.backend == "factored" and fast.last_step.rows == 3
+    assert rel_err(flat(case.params()), flat(twin.params())) <= 1e-10
+    assert 0.5 * float(case.residuals().detach().square().sum()) < start
+    with pytest.raises(ValueError, match="microbatch_size cannot be combined with process"):
+        from torchsven.config import check_compatible, make_config
+
+        check_compatible(make_config(microbatch_size=2), True, distributed=True)
 
 
 def test_speed_benchmark_writes_json_and_table(tmp_path):

@@ -634,11 +634,11 @@ def test_globalized_steps_combine_with_direction_options_only():
         torchsven.Sven(case.model, on_nonfinite="skip", variable_rank=True)
     with pytest.raises(ValueError, match="precondition='post', momentum and variable_rank"):
         torchsven.Sven(case.model, line_search="backtracking", precondition="post")
-    from torchsven.variants import check_variant_options
+    from torchsven.config import check_compatible, make_config
 
     with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
-        check_variant_options(distributed=True, param_fraction=0.5)
-    assert check_variant_options(distributed=True, spectrum_every=3).spectrum_every == 3
+        check_compatible(make_config(param_fraction=0.5), True, distributed=True)
+    check_compatible(make_config(spectrum_every=3), True, distributed=True)
 
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):
@@ -756,7 +756,7 @@ def test_backend_independent_options_match_reference(backend):
     for other in BACKENDS:  # options that need the generic backend refuse the others
         if other not in ("auto", "generic"):
             with pytest.raises(ValueError, match=f"backend='{other}' cannot be combined"):
-                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="rows")
+                torchsven.Sven(case.model, backend=other, param_fraction=0.5, mask="entries")
 
 
 def test_precondition_pre_with_mask_matches_reference():

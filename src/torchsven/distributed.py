@@ -1,4 +1,4 @@
-"""Exact data-parallel Sven on ``torch.distributed`` (DESIGN.md section 7).
+"""Exact data-parallel Sven on ``torch.distributed`` (``docs/design.md``, "Distributed").
 
 Each of R ranks holds N_r residual rows (its local batch). A step with
 ``Sven(..., process_group=group)`` equals one process on the concatenated batch
@@ -10,10 +10,11 @@ Each of R ranks holds N_r residual rows (its local batch). A step with
 2. factored backend: every rank computes its per-layer factors (and runs the
    backend's guard on its rows); rank 0 gathers the factor rows (padded to
    ``max N_r``, gloo's gather needs equal shapes), rebuilds the layer terms of
-   the concatenated batch, forms K (N, N) in float64, solves and broadcasts
-   ``c``; each rank forms ``J_r^T c_r`` from its own factors and one
-   all-reduce sums the P-vector. If any rank's guard asks for the generic
-   backend, all ranks take it together;
+   the concatenated batch, forms K (N, N) in float64 with the same
+   :class:`~torchsven.backends.assembly.GramAssembly` as a single process,
+   solves and broadcasts ``c``; each rank forms ``J_r^T c_r`` from its own
+   factors (the same assembly) and one all-reduce sums the P-vector. If any
+   rank's guard asks for the generic backend, all ranks take it together;
 3. generic backend: rank 0 gathers the Jacobian rows ``[r_r | J_r]`` and solves
    ``J^+_k r`` in float64 exactly as a single process would, then broadcasts
    the step (P);
@@ -23,7 +24,10 @@ Each of R ranks holds N_r residual rows (its local batch). A step with
 
 Every branch (an error on any rank, non-finite rows or Jacobian, a fallback,
 a failed solve, a globalised step's trial calls) is decided from collective
-data, so ranks never wait on each other.
+data, so ranks never wait on each other. :class:`CollectiveEvaluator` is the
+evaluator stage of the step pipeline (:mod:`torchsven.pipeline`): the same
+``evaluate`` / ``trial`` as the local one; the update chain and the
+acceptance policies run unchanged on its (identical) results.
 The traffic of a step is in ``opt.last_step.extras`` (``bytes_gathered``,
 ``bytes_broadcast``, ``bytes_reduced``, ``comm_seconds``).
 
@@ -34,32 +38,36 @@ average ``J^T c``, which is a sum). Pass the plain module.
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .backends.base import Direction, flat_to_params
-from .backends.generic import jacobian
-from .damping import AdaptiveDamping
-from .errors import NonFiniteError, SvenFallbackWarning
-from .solve import SOLVERS, SpectralSolution, jacobian_step
-
-if TYPE_CHECKING:
-    from .optim import Sven
+from .backends.assembly import GramAssembly
+from .backends.base import Backend, FallbackRequired, flat_to_params
+from .backends.generic import GenericBackend, jacobian
+from .errors import NonFiniteError
+from .microbatch import group_rows
+from .pipeline.context import StepContext
+from .pipeline.evaluate import (
+    Evaluation,
+    check_trial_output,
+    fallback_message,
+    objective,
+    residual_rows,
+)
+from .solve import SOLVERS, SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
 
 __all__ = [
-    "DataParallel",
+    "Collective",
+    "CollectiveEvaluator",
     "DistributedStepError",
     "check_not_ddp",
-    "make_data_parallel",
+    "make_collective",
 ]
 
 # Status codes exchanged between ranks.
@@ -83,7 +91,7 @@ def check_not_ddp(module: Any, argument: str) -> None:
         )
 
 
-def make_data_parallel(process_group: Any) -> DataParallel | None:
+def make_collective(process_group: Any) -> Collective | None:
     """Validate ``Sven(process_group=...)``; None means a single process."""
     if process_group is None:
         return None
@@ -97,7 +105,7 @@ def make_data_parallel(process_group: Any) -> DataParallel | None:
             "process_group must be a torch.distributed.ProcessGroup (e.g. "
             f"torch.distributed.group.WORLD) or None, got {type(process_group).__name__}"
         )
-    return DataParallel(process_group)
+    return Collective(process_group)
 
 
 @dataclass
@@ -134,6 +142,37 @@ class _Outcome:
     row_change: Tensor | None = None
 
 
+#: header broadcast by the root: [status, failed rank, kept, solver code, k]
+_HEADER = 5
+
+
+def _spectral(solution: SpectralSolution, device: torch.device, factors: bool) -> list[Tensor]:
+    """``[s (k)]``, and with ``factors`` the projections and filter factors (k each).
+
+    The factors (for the predicted reductions of adaptive damping and line
+    searches) travel only on steps that use them; NaN where the solve has none.
+    """
+    s = solution.singular_values.to(device=device, dtype=torch.float64)
+    if not factors:
+        return [s]
+    if solution.projections is None or solution.factors is None:
+        return [s, torch.full_like(s, torch.nan), torch.full_like(s, torch.nan)]
+    return [
+        s,
+        *(
+            t.to(device=device, dtype=torch.float64)
+            for t in (solution.projections, solution.factors)
+        ),
+    ]
+
+
+def _solution_from(parts: Sequence[Tensor], kept: int, solver: str) -> SpectralSolution:
+    s = parts[0].cpu().clone()
+    if len(parts) == 1 or bool(torch.isnan(parts[1]).any()):
+        return SpectralSolution(s, kept, solver)
+    return SpectralSolution(s, kept, solver, parts[1].cpu().clone(), parts[2].cpu().clone())
+
+
 def _add_note(error: BaseException, note: str) -> None:
     """``error.add_note(note)`` where Python has it (3.11+)."""
     add_note = getattr(error, "add_note", None)
@@ -160,157 +199,13 @@ def stack_padded(rows: Tensor, jac: Tensor, height: int, status: int) -> Tensor:
     return payload
 
 
-class _RowsTerm:
-    """A layer term of the concatenated batch known by its per-row gradients."""
-
-    def __init__(self, per_row: dict[str, Tensor]) -> None:
-        self._rows = per_row
-
-    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
-        return {n: self._rows[n] for n in names if n in self._rows}
-
-    def gram(self, names: Sequence[str]) -> Tensor:
-        out = None
-        for t in self.per_row(names).values():
-            flat = t.reshape(t.shape[0], -1).to(torch.float64)
-            out = flat @ flat.mT if out is None else out + flat @ flat.mT
-        assert out is not None
-        return out
+def _wants_factors(ctx: StepContext) -> bool:
+    """Whether the step's policy uses predicted reductions (spectral factors)."""
+    return ctx.config.adaptive or ctx.config.line_search is not None
 
 
-@dataclass
-class TermLayout:
-    """The layer terms of one rank's factored step and how their rows are packed.
-
-    ``terms`` are the distinct layer terms (in parameter order, identical on
-    every rank), ``names[i]`` the parameter names term i covers, and
-    ``uses[p]`` the (term index, name) pairs of parameter p. A row of the packed
-    matrix is ``[r_i | factors of row i of term 0 | term 1 | ...]``, float64.
-    """
-
-    terms: list[Any]
-    names: list[list[str]]
-    uses: list[list[tuple[int, str]]]
-    tensors: list[list[Tensor]]
-
-    @classmethod
-    def of(cls, contributions: dict[int, list[tuple[Any, str, str]]], params: list[Tensor]):
-        index: dict[int, int] = {}
-        terms: list[Any] = []
-        names: list[list[str]] = []
-        uses: list[list[tuple[int, str]]] = []
-        for p in params:
-            mine = []
-            for term, name, _module in contributions.get(id(p), []):
-                if id(term) not in index:
-                    index[id(term)] = len(terms)
-                    terms.append(term)
-                    names.append([])
-                i = index[id(term)]
-                if name not in names[i]:
-                    names[i].append(name)
-                mine.append((i, name))
-            uses.append(mine)
-        tensors = [_term_tensors(t, n) for t, n in zip(terms, names, strict=True)]
-        return cls(terms, names, uses, tensors)
-
-    def pack(self, rows: Tensor) -> Tensor:
-        """(N_r, 1 + sum of factor widths) float64: ``[r | factors]`` per row."""
-        cols = [rows.reshape(-1, 1).to(torch.float64)]
-        for group in self.tensors:
-            cols += [t.reshape(t.shape[0], -1).to(torch.float64) for t in group]
-        return torch.cat(cols, dim=1)
-
-    def fingerprint(self) -> float:
-        """A number equal on ranks whose terms have the same kinds, shapes and dtypes."""
-        text = repr(
-            [
-                (type(t).__name__, [(tuple(x.shape[1:]), str(x.dtype)) for x in group])
-                for t, group in zip(self.terms, self.tensors, strict=True)
-            ]
-        )
-        return float(zlib.crc32(text.encode()))
-
-    def global_gram(self, stacked: Tensor, ghost: Any) -> tuple[Tensor, Tensor]:
-        """Rows (N,) and K (N, N) float64 of the concatenated batch from packed rows.
-
-        The terms are rebuilt on the concatenated factors, so every per-layer
-        choice (ghost or materialised form) is the one a single process makes.
-        """
-        n = stacked.shape[0]
-        rows, offset = stacked[:, 0].contiguous(), 1
-        rebuilt = []
-        for term, names, group in zip(self.terms, self.names, self.tensors, strict=True):
-            parts = []
-            for t in group:
-                width = math.prod(t.shape[1:])
-                block = stacked[:, offset : offset + width].reshape(n, *t.shape[1:])
-                parts.append(block.to(t.dtype))
-                offset += width
-            rebuilt.append(_rebuild_term(term, names, parts, ghost))
-        gram = torch.zeros(n, n, dtype=torch.float64, device=stacked.device)
-        single: dict[int, list[str]] = {}
-        shared = []
-        for mine in self.uses:
-            if len(mine) == 1:
-                i, name = mine[0]
-                single.setdefault(i, []).append(name)
-            elif mine:
-                shared.append(mine)
-        for i, names in single.items():
-            gram += rebuilt[i].gram(names)
-        for mine in shared:
-            per_row = sum(rebuilt[i].per_row([name])[name].to(torch.float64) for i, name in mine)
-            per_row = per_row.reshape(n, -1)
-            gram += per_row @ per_row.mT
-        return rows, gram
-
-    def transpose_product(self, params: list[Tensor], coeffs: Tensor) -> Tensor:
-        """``J_r^T c_r`` (P,) float64 from this rank's own factors."""
-        out = []
-        for p, mine in zip(params, self.uses, strict=True):
-            if not mine:
-                out.append(torch.zeros(p.numel(), dtype=torch.float64, device=p.device))
-            elif len(mine) == 1:
-                i, name = mine[0]
-                out.append(
-                    self.terms[i].weighted([name], coeffs)[name].to(torch.float64).reshape(-1)
-                )
-            else:
-                per_row = sum(
-                    self.terms[i].per_row([name])[name].to(torch.float64) for i, name in mine
-                )
-                out.append(per_row.reshape(coeffs.numel(), -1).mT @ coeffs)
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
-
-
-def _term_tensors(term: Any, names: list[str]) -> list[Tensor]:
-    """The row-indexed tensors (dim 0: rows) that determine ``term``."""
-    from .backends.layers import EmbeddingTerm, LinearLikeTerm
-
-    if type(term) is LinearLikeTerm:
-        return [term.a.detach(), term.g.detach()]
-    if type(term) is EmbeddingTerm:
-        return [term.idx, term.g.detach()]
-    per_row = term.per_row(names)
-    return [per_row[n].detach() for n in names]
-
-
-def _rebuild_term(term: Any, names: list[str], parts: list[Tensor], ghost: Any) -> Any:
-    """``term``'s counterpart on the concatenated rows ``parts``."""
-    from .backends.layers import EmbeddingTerm, LinearLikeTerm
-
-    if type(term) is LinearLikeTerm:
-        return LinearLikeTerm(
-            parts[0], parts[1], term.params, term.weight_name, term.bias_name, ghost
-        )
-    if type(term) is EmbeddingTerm:  # padding rows are already zero in g
-        return EmbeddingTerm(parts[0], parts[1], term.params, term.name, None)
-    return _RowsTerm(dict(zip(names, parts, strict=True)))
-
-
-class DataParallel:
-    """Collective Sven steps over one process group (see the module docstring)."""
+class Collective:
+    """One process group's collectives, with traffic accounting and agreement checks."""
 
     def __init__(self, group: dist.ProcessGroup) -> None:
         self.group = group
@@ -319,43 +214,47 @@ class DataParallel:
         self.root = dist.get_global_rank(group, 0)
         self.traffic = Traffic()
         self.local_rows = 0
-        self._device = torch.device("cpu")
-        self._globalised = False  # the current step is a globalised one (trial calls)
+        self.device = torch.device("cpu")
 
     # ------------------------------------------------------------ collectives
-    def _timed(self, fn: Callable[[], Any]) -> Any:
+    def timed(self, fn: Callable[[], Any]) -> Any:
         start = time.perf_counter()
         result = fn()
         self.traffic.seconds += time.perf_counter() - start
         self.traffic.collectives += 1
         return result
 
-    def _all_gather(self, local: Tensor) -> Tensor:
+    def all_gather(self, local: Tensor) -> Tensor:
         """(world, *local.shape) from equal-shaped tensors."""
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
-        self._timed(lambda: dist.all_gather(parts, local, group=self.group))
+        self.timed(lambda: dist.all_gather(parts, local, group=self.group))
         self.traffic.gathered += local.numel() * local.element_size() * self.world_size
         return torch.stack(parts)
 
-    def _gather(self, local: Tensor) -> list[Tensor] | None:
+    def gather(self, local: Tensor) -> list[Tensor] | None:
         """Rank 0 receives every rank's (equal-shaped) tensor; others get None."""
         parts = (
             [torch.empty_like(local) for _ in range(self.world_size)] if self.rank == 0 else None
         )
-        self._timed(lambda: dist.gather(local, parts, dst=self.root, group=self.group))
+        self.timed(lambda: dist.gather(local, parts, dst=self.root, group=self.group))
         self.traffic.gathered += local.numel() * local.element_size() * self.world_size
         return parts
 
-    def _broadcast(self, tensor: Tensor) -> Tensor:
-        self._timed(lambda: dist.broadcast(tensor, src=self.root, group=self.group))
+    def broadcast(self, tensor: Tensor) -> Tensor:
+        self.timed(lambda: dist.broadcast(tensor, src=self.root, group=self.group))
         self.traffic.broadcast += tensor.numel() * tensor.element_size()
         return tensor
 
-    def _error_messages(self, error: BaseException | None) -> list[str]:
+    def all_reduce(self, tensor: Tensor) -> Tensor:
+        self.timed(lambda: dist.all_reduce(tensor, group=self.group))
+        self.traffic.reduced += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def error_messages(self, error: BaseException | None) -> list[str]:
         """Every rank's error text (only on the failure path: a pickled all-gather)."""
         text = "" if error is None else f"{type(error).__name__}: {error}"
         messages: list[Any] = [None] * self.world_size
-        self._timed(lambda: dist.all_gather_object(messages, text, group=self.group))
+        self.timed(lambda: dist.all_gather_object(messages, text, group=self.group))
         return [str(m) for m in messages]
 
     # ------------------------------------------------------------------- checks
@@ -366,16 +265,16 @@ class DataParallel:
             if params
             else torch.zeros(0, dtype=torch.float64)
         )
-        sizes = self._all_gather(torch.tensor([float(flat.numel())], device=flat.device))
+        sizes = self.all_gather(torch.tensor([float(flat.numel())], device=flat.device))
         if bool((sizes != sizes[0]).any()):
             raise ValueError(
                 "process_group: the ranks hold different numbers of parameters "
                 f"({[int(s) for s in sizes.reshape(-1).tolist()]}); build the same model on "
                 "every rank"
             )
-        reference = self._broadcast(flat.clone())
+        reference = self.broadcast(flat.clone())
         same = torch.tensor([float(torch.equal(reference, flat))], device=flat.device)
-        agree = self._all_gather(same)
+        agree = self.all_gather(same)
         if not bool((agree == 1).all()):
             bad = [i for i, v in enumerate(agree.reshape(-1).tolist()) if v != 1]
             raise ValueError(
@@ -385,152 +284,17 @@ class DataParallel:
             )
         self.traffic = Traffic()
 
-    def _agree_on_closure(
-        self, code: int, n_rows: int, n_params: int, fingerprint: float, error: Exception | None
-    ) -> Tensor:
-        """All-gather ``[status, N_r, P, fingerprint]``; raise on every rank if any failed."""
-        local = torch.tensor(
-            [code, n_rows, n_params, fingerprint], dtype=torch.float64, device=self._device
-        )
-        table = self._all_gather(local)
-        status = table[:, 0].to(torch.int64).tolist()
-        self._raise_if_raised(status, error, "the closure")
-        if any(s == _NONFINITE for s in status):
-            failed = [i for i, s in enumerate(status) if s == _NONFINITE]
-            raise NonFiniteError(
-                f"the residual rows returned by the closure on rank(s) {failed} contain NaN "
-                "or Inf; the step was not taken on any rank and nothing was changed"
-            )
-        if bool((table[:, 2] != table[0, 2]).any()) or bool((table[:, 3] != table[0, 3]).any()):
-            raise ValueError(
-                "process_group: the ranks disagree on the trainable parameters or their "
-                f"learning rates (P per rank {table[:, 2].to(torch.int64).tolist()}); every "
-                "rank must build the same optimizer"
-            )
-        return table[:, 1].to(torch.int64)
-
-    # --------------------------------------------------------------------- step
-    def evaluate(
-        self, opt: Sven, closure: Callable[[], Tensor], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor, Direction, str]:
-        """The collective counterpart of ``Sven._evaluate``.
-
-        Returns the local closure output, the *global* rows (N,) float64 in rank
-        order, the global direction (identical on every rank) and the backend
-        name. Raises on every rank, changing nothing, if any rank failed.
-        """
-        from .optim import residual_rows
-
-        self.traffic = Traffic()
-        self._device = params[0].device if params else torch.device("cpu")
-        primary, _generic = opt._backends()
-        error: Exception | None = None
-        out: Any = None
-        rows: Tensor | None = None
-        code, n_rows = _OK, 0
-        captured: Any = None
-        try:
-            with primary.capture(params) as captured, torch.enable_grad():
-                out = closure()
-                rows = residual_rows(out)
-                microbatch = getattr(opt, "microbatch_size", None)
-                if microbatch is not None:  # groups of this rank's samples
-                    from .microbatch import group_rows
-
-                    rows = group_rows(out, microbatch)
-            n_rows = rows.numel()
-            if not bool(torch.isfinite(rows.detach()).all()):
-                code = _NONFINITE
-        except Exception as exc:  # reported to every rank below
-            error, code = exc, _RAISED
-        n_params = sum(p.numel() for p in params)
-        lrs = opt._trainable()[1]
-        globalised, self._globalised = self._globalised, False
-        sizes = self._agree_on_closure(code, n_rows, n_params, lr_fingerprint(lrs), error)
-        needs_row_change = opt.options.get("line_search") or isinstance(
-            opt.options["damping"], AdaptiveDamping
-        )
-        if globalised and needs_row_change and len(set(lrs)) > 1:
-            raise ValueError(
-                "process_group with adaptive damping or a line search needs one lr for all "
-                f"trainable param groups (got {sorted(set(lrs))}): the predicted reduction "
-                "comes from the gathered J step, which has no per-group split"
-            )
-        assert rows is not None
-        self.local_rows = n_rows
-        used = "generic"
-        with torch.enable_grad():  # the backends' autograd calls, also under no_grad()
-            outcome = None
-            if primary is not _generic and params:
-                outcome = self._factored_solve(opt, primary, rows, params, sizes, captured, out)
-                used = primary.name
-            if outcome is None:
-                outcome = self._generic_solve(opt, rows, params, sizes)
-                used = "generic"
-        self._raise_for(outcome)
-        assert outcome.step is not None and outcome.solution is not None
-        assert outcome.rows is not None
-        if isinstance(getattr(closure, "first", None), Tensor):
-            # a globalised step's counting closure (torchsven.globalize) compares its
-            # trial calls, which return the global rows, with its first output
-            closure.first = outcome.rows  # type: ignore[attr-defined]
-        direction = Direction(
-            flat_to_params(outcome.step, params), outcome.solution, outcome.row_change
-        )
-        return out, outcome.rows, direction, used
-
-    def collective_trials(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        """Wrap a closure for a globalised step (torchsven.globalize).
-
-        The first call of a step goes to :meth:`evaluate` unchanged; every later
-        (trial) call returns the *global* rows (N,) float64, all-gathered in rank
-        order, so the trial objective and every accept / reject decision are the
-        same on every rank. A rank that raises in a trial stops every rank.
-        """
-        calls = 0
-        self._globalised = True
-
-        def wrapped() -> Tensor:
-            nonlocal calls
-            calls += 1
-            return closure() if calls == 1 else self.trial_rows(closure)
-
-        return wrapped
-
-    def trial_rows(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Call ``closure`` on every rank and all-gather its rows (no finite check)."""
-        error: Exception | None = None
-        local = torch.zeros(0, dtype=torch.float64, device=self._device)
-        code = _OK
-        try:
-            out = closure()
-            if not isinstance(out, Tensor) or not out.is_floating_point():
-                raise TypeError(
-                    "closure must return floating-point residual rows on every call, got "
-                    f"{type(out).__name__ if not isinstance(out, Tensor) else out.dtype} "
-                    "on a trial call"
-                )
-            local = out.detach().reshape(-1).to(device=self._device, dtype=torch.float64)
-        except Exception as exc:  # reported to every rank below
-            error, code = exc, _RAISED
-        sizes = self._agree(code, local.numel(), error, "a trial call of the closure")
-        height = int(sizes.max())
-        padded = torch.zeros(height, dtype=torch.float64, device=self._device)
-        padded[: local.numel()] = local
-        gathered = self._all_gather(padded)
-        return torch.cat([gathered[i, :n] for i, n in enumerate(sizes.tolist())])
-
-    def _agree(self, code: int, n_rows: int, error: Exception | None, where: str) -> Tensor:
+    def agree(self, code: int, n_rows: int, error: Exception | None, where: str) -> Tensor:
         """All-gather ``[status, N_r]``; raise on every rank if any raised; returns N_r."""
-        local = torch.tensor([code, n_rows], dtype=torch.float64, device=self._device)
-        table = self._all_gather(local)
-        self._raise_if_raised(table[:, 0].to(torch.int64).tolist(), error, where)
+        local = torch.tensor([code, n_rows], dtype=torch.float64, device=self.device)
+        table = self.all_gather(local)
+        self.raise_if_raised(table[:, 0].to(torch.int64).tolist(), error, where)
         return table[:, 1].to(torch.int64)
 
-    def _raise_if_raised(self, status: list[int], error: Exception | None, where: str) -> None:
+    def raise_if_raised(self, status: list[int], error: Exception | None, where: str) -> None:
         if not any(s == _RAISED for s in status):
             return
-        messages = self._error_messages(error)
+        messages = self.error_messages(error)
         failed = [i for i, s in enumerate(status) if s == _RAISED]
         if error is not None:
             _add_note(
@@ -549,6 +313,134 @@ class DataParallel:
         """Communication diagnostics of the last step for ``StepInfo.extras``."""
         return self.traffic.as_extras(self.world_size, self.local_rows)
 
+
+class CollectiveEvaluator:
+    """The evaluator stage over a process group (see the module docstring).
+
+    ``evaluate`` returns the *global* rows (N,) float64 in rank order and the
+    global direction, identical on every rank; ``trial`` returns the global
+    objective. Raises on every rank, changing nothing, if any rank failed.
+    """
+
+    def __init__(self, collective: Collective, primary: Backend, generic: GenericBackend) -> None:
+        self.collective = collective
+        self.primary = primary
+        self.generic = generic
+
+    # --------------------------------------------------------------------- step
+    def evaluate(self, closure: Callable[[], Any], ctx: StepContext) -> Evaluation:
+        comm = self.collective
+        comm.traffic = Traffic()
+        params = ctx.params
+        comm.device = params[0].device if params else torch.device("cpu")
+        error: Exception | None = None
+        out: Any = None
+        rows: Tensor | None = None
+        code, n_rows = _OK, 0
+        captured: Any = None
+        try:
+            with self.primary.capture(params) as captured, torch.enable_grad():
+                out = closure()
+                rows = residual_rows(out)
+                if ctx.config.microbatch_size is not None:  # groups of this rank's samples
+                    rows = group_rows(out, ctx.config.microbatch_size)
+            n_rows = rows.numel()
+            if not bool(torch.isfinite(rows.detach()).all()):
+                code = _NONFINITE
+        except Exception as exc:  # reported to every rank below
+            error, code = exc, _RAISED
+        n_params = sum(p.numel() for p in params)
+        sizes = self._agree_on_closure(code, n_rows, n_params, lr_fingerprint(ctx.lrs), error)
+        if (ctx.config.adaptive or ctx.config.line_search) and ctx.uniform_lr is None:
+            raise ValueError(
+                "process_group with adaptive damping or a line search needs one lr for all "
+                f"trainable param groups (got {sorted(set(ctx.lrs))}): the predicted reduction "
+                "comes from the gathered J step, which has no per-group split"
+            )
+        assert rows is not None
+        comm.local_rows = n_rows
+        filt = ctx.filter
+        with torch.enable_grad():  # the backends' autograd calls, also under no_grad()
+            outcome, used = None, self.generic.name
+            if self.primary is not self.generic and params:
+                outcome = self._factored_solve(ctx, rows, sizes, captured, out, filt)
+                used = self.primary.name
+            if outcome is None:
+                outcome = self._generic_solve(ctx, rows, sizes, filt)
+                used = self.generic.name
+        self._raise_for(outcome)
+        assert outcome.step is not None and outcome.solution is not None
+        assert outcome.rows is not None
+        return Evaluation(
+            out,
+            outcome.rows,
+            list(flat_to_params(outcome.step, params)),
+            outcome.solution,
+            outcome.row_change,
+            used,
+        )
+
+    def trial(self, closure: Callable[[], Any], ctx: StepContext, n_rows: int) -> float:
+        """Every rank calls ``closure``; the objective of the all-gathered global rows.
+
+        No finite check (a NaN objective is a rejected trial); a rank that raises
+        stops every rank.
+        """
+        comm = self.collective
+        error: Exception | None = None
+        local = torch.zeros(0, dtype=torch.float64, device=comm.device)
+        code = _OK
+        try:
+            with torch.enable_grad():
+                out = closure()
+            if not isinstance(out, Tensor) or not out.is_floating_point():
+                check_trial_output(out, -1)  # raises the TypeError
+            local = out.detach().reshape(-1).to(device=comm.device, dtype=torch.float64)
+        except Exception as exc:  # reported to every rank below
+            error, code = exc, _RAISED
+        sizes = comm.agree(code, local.numel(), error, "a trial call of the closure")
+        height = int(sizes.max())
+        padded = torch.zeros(height, dtype=torch.float64, device=comm.device)
+        padded[: local.numel()] = local
+        gathered = comm.all_gather(padded)
+        rows = torch.cat([gathered[i, :n] for i, n in enumerate(sizes.tolist())])
+        return objective(check_trial_output(rows, n_rows))
+
+    def row_change(self, ev: Evaluation, ctx: StepContext, update: Sequence[Tensor]) -> Tensor:
+        raise ValueError(
+            "process_group needs one lr for all trainable param groups with adaptive "
+            "damping or a line search"
+        )
+
+    def extras(self) -> dict[str, object]:
+        return self.collective.extras()
+
+    # ------------------------------------------------------------- agreement
+    def _agree_on_closure(
+        self, code: int, n_rows: int, n_params: int, fingerprint: float, error: Exception | None
+    ) -> Tensor:
+        """All-gather ``[status, N_r, P, fingerprint]``; raise on every rank if any failed."""
+        comm = self.collective
+        local = torch.tensor(
+            [code, n_rows, n_params, fingerprint], dtype=torch.float64, device=comm.device
+        )
+        table = comm.all_gather(local)
+        status = table[:, 0].to(torch.int64).tolist()
+        comm.raise_if_raised(status, error, "the closure")
+        if any(s == _NONFINITE for s in status):
+            failed = [i for i, s in enumerate(status) if s == _NONFINITE]
+            raise NonFiniteError(
+                f"the residual rows returned by the closure on rank(s) {failed} contain NaN "
+                "or Inf; the step was not taken on any rank and nothing was changed"
+            )
+        if bool((table[:, 2] != table[0, 2]).any()) or bool((table[:, 3] != table[0, 3]).any()):
+            raise ValueError(
+                "process_group: the ranks disagree on the trainable parameters or their "
+                f"learning rates (P per rank {table[:, 2].to(torch.int64).tolist()}); every "
+                "rank must build the same optimizer"
+            )
+        return table[:, 1].to(torch.int64)
+
     def _raise_for(self, outcome: _Outcome) -> None:
         if outcome.status == _OK:
             return
@@ -564,190 +456,74 @@ class DataParallel:
             "was changed"
         )
 
+    def _broadcast_result(
+        self,
+        header: Tensor,
+        body: Tensor | None,
+        lengths: Callable[[int], list[int]],
+        factors: bool,
+    ) -> tuple[list[int], list[Tensor] | None]:
+        """Broadcast the root's header, then (when it says OK) its body, split by ``lengths``."""
+        comm = self.collective
+        comm.broadcast(header)
+        values = [int(v) for v in header.tolist()]
+        if values[0] != _OK:
+            return values, None
+        sizes = lengths(values[4]) + [values[4]] * (2 * factors)
+        if body is None:
+            body = torch.empty(sum(sizes), dtype=torch.float64, device=comm.device)
+        comm.broadcast(body)
+        return values, list(torch.split(body, sizes))
+
+    # -------------------------------------------------------------- generic path
     def _generic_solve(
-        self, opt: Sven, rows: Tensor, params: list[Tensor], sizes: Tensor
+        self, ctx: StepContext, rows: Tensor, sizes: Tensor, filt: SpectralFilter
     ) -> _Outcome:
         """Gather ``[r_r | J_r]`` on rank 0, solve there, broadcast the outcome."""
+        comm, params = self.collective, ctx.params
         n_params = sum(p.numel() for p in params)
         height = int(sizes.max())
         local_error: Exception | None = None
         try:
             jac = (
-                jacobian(rows, params, chunk_bytes=opt.chunk_bytes)
+                jacobian(rows, params, chunk_bytes=ctx.config.chunk_bytes)
                 if params
-                else torch.zeros(rows.numel(), 0, dtype=torch.float64, device=self._device)
+                else torch.zeros(rows.numel(), 0, dtype=torch.float64, device=comm.device)
             )
             payload = stack_padded(rows.detach().to(torch.float64), jac, height, _OK)
         except Exception as exc:  # reported through the gather's status row
             local_error = exc
-            payload = stack_padded(
-                torch.zeros(0, dtype=torch.float64, device=self._device),
-                torch.zeros(0, n_params, dtype=torch.float64, device=self._device),
-                height,
-                _RAISED,
-            )
-        parts = self._gather(payload)
-        header = torch.zeros(5, dtype=torch.float64, device=self._device)
+            no_rows = torch.zeros(0, dtype=torch.float64, device=comm.device)
+            no_jac = torch.zeros(0, n_params, dtype=torch.float64, device=comm.device)
+            payload = stack_padded(no_rows, no_jac, height, _RAISED)
+        parts = comm.gather(payload)
+        header = torch.zeros(_HEADER, dtype=torch.float64, device=comm.device)
         body: Tensor | None = None
         root_error: Exception | None = None
         if parts is not None:
-            body, root_error = self._root_solve(opt, parts, sizes, header, n_params)
-        self._broadcast(header)
-        status, failed_rank, kept, solver_code, k = (int(v) for v in header.tolist())
-        if status != _OK:
+            body, root_error = self._root_solve(ctx, parts, sizes, header, filt)
+        n_total = int(sizes.sum())
+        values, split = self._broadcast_result(
+            header, body, lambda k: [n_params, k, n_total, n_total], _wants_factors(ctx)
+        )
+        status, failed_rank, kept, solver_code = values[:4]
+        if split is None:
             if local_error is not None:
                 raise local_error
             if root_error is not None:
                 raise root_error
             return _Outcome(status, failed_rank)
-        n_total = int(sizes.sum())
-        if body is None:
-            body = torch.empty(n_params + k + 2 * n_total, dtype=torch.float64, device=self._device)
-        self._broadcast(body)
-        step, s, global_rows, row_change = torch.split(body, [n_params, k, n_total, n_total])
-        solution = SpectralSolution(s.cpu().clone(), kept, SOLVERS[solver_code])
+        step, s, global_rows, row_change, *factors = split
+        solution = _solution_from([s, *factors], kept, SOLVERS[solver_code])
         return _Outcome(_OK, -1, step, solution, global_rows, row_change)
 
-    # ------------------------------------------------------------ factored path
-    def _factored_solve(
+    def _root_solve(
         self,
-        opt: Sven,
-        backend: Any,
-        rows: Tensor,
-        params: list[Tensor],
-        sizes: Tensor,
-        captured: Any,
-        out: Tensor,
-    ) -> _Outcome | None:
-        """Factored data-parallel step; None when any rank needs the generic backend.
-
-        Each rank computes its per-layer factors (hooks, guard, probe) and sends
-        their rows to rank 0 (padded, one gather), which rebuilds the layer terms
-        of the concatenated batch, forms K (N, N), solves and broadcasts ``c``.
-        Each rank then forms ``J_r^T c_r`` from its own factors and one
-        all-reduce sums the P-vector.
-        """
-        from .backends.base import FallbackRequired
-
-        local_error: Exception | None = None
-        reason = ""
-        code, fingerprint, width = _OK, 0.0, 0
-        layout: TermLayout | None = None
-        try:
-            try:
-                contributions, _ = backend._factors(rows, params, captured, out)
-                layout = TermLayout.of(contributions, params)
-                packed = layout.pack(rows.detach())
-                fingerprint, width = layout.fingerprint(), packed.shape[1]
-            except FallbackRequired as why:
-                code, reason = _FALLBACK, why.reason
-            except Exception as exc:  # reported to every rank below
-                local_error, code = exc, _RAISED
-            table = self._all_gather(
-                torch.tensor([code, fingerprint, width], dtype=torch.float64, device=self._device)
-            )
-            status = table[:, 0].to(torch.int64).tolist()
-            self._raise_if_raised(status, local_error, "the factored backend")
-            mismatch = bool((table[:, 1] != table[0, 1]).any())
-            if _FALLBACK in status or mismatch:
-                self._warn_fallback(opt, backend, status, reason)
-                return None
-            height = int(sizes.max())
-            payload = torch.zeros(height + 1, width, dtype=torch.float64, device=self._device)
-            payload[1 : rows.numel() + 1] = packed
-            parts = self._gather(payload)
-            header = torch.zeros(5, dtype=torch.float64, device=self._device)
-            body: Tensor | None = None
-            root_error: Exception | None = None
-            if parts is not None:
-                body, root_error = self._root_gram_solve(opt, backend, layout, parts, sizes, header)
-            self._broadcast(header)
-            status_code, _failed, kept, _solver, k = (int(v) for v in header.tolist())
-            if status_code != _OK:
-                if root_error is not None:
-                    raise root_error
-                return _Outcome(status_code, -1)
-            n_total = int(sizes.sum())
-            if body is None:
-                body = torch.empty(k + 3 * n_total, dtype=torch.float64, device=self._device)
-            self._broadcast(body)
-            coeffs, s, global_rows, row_change = torch.split(body, [n_total, k, n_total, n_total])
-            start = int(sizes[: self.rank].sum())
-            local_c = coeffs[start : start + rows.numel()]
-            # J_r^T c_r in the parameters' dtype (the factors' precision; DDP's bytes)
-            step = layout.transpose_product(params, local_c).to(params[0].dtype)
-            self._timed(lambda: dist.all_reduce(step, group=self.group))
-            self.traffic.reduced += step.numel() * step.element_size()
-            step = step.to(torch.float64)
-            if not bool(torch.isfinite(step).all()):
-                return _Outcome(_NONFINITE, -1)
-            solution = SpectralSolution(s.cpu().clone(), kept, "gram")
-            return _Outcome(_OK, -1, step, solution, global_rows, row_change)
-        finally:
-            release = getattr(captured, "release", None)
-            if release is not None:
-                release()
-
-    def _warn_fallback(self, opt: Sven, backend: Any, status: list[int], reason: str) -> None:
-        """The one-time SvenFallbackWarning of a collective fallback (same on every rank).
-
-        Every rank takes part (one pickled all-gather of the reasons), whether
-        or not it warns, so the collectives stay matched.
-        """
-        reasons = self._error_messages(RuntimeError(reason) if reason else None)
-        failed = [i for i, s in enumerate(status) if s == _FALLBACK]
-        text = (
-            "; ".join(f"rank {i}: {reasons[i].split(': ', 1)[-1]}" for i in failed)
-            if failed
-            else "the ranks' layer factors have different shapes"
-        )
-        if text not in opt._warned:
-            opt._warned.add(text)
-            warnings.warn(
-                f"Sven: the {backend.name} backend cannot compute this step exactly "
-                f"({text}); every rank uses the generic backend",
-                SvenFallbackWarning,
-                stacklevel=5,
-            )
-
-    def _root_gram_solve(
-        self,
-        opt: Sven,
-        backend: Any,
-        layout: TermLayout,
+        ctx: StepContext,
         parts: list[Tensor],
         sizes: Tensor,
         header: Tensor,
-    ) -> tuple[Tensor | None, Exception | None]:
-        """Rank 0: K of the concatenated batch from the gathered factors, then ``c``.
-
-        Fills ``header`` and returns ``[c (N) | s (N) | rows (N) | K c (N)]``, or
-        None and the error (None for a non-finite K or c).
-        """
-        from .solve import gram_coefficients
-
-        counts = sizes.tolist()
-        stacked = torch.cat([part[1 : n + 1] for part, n in zip(parts, counts, strict=True)])
-        try:
-            global_rows, gram = layout.global_gram(stacked, backend.ghost)
-            if bool(torch.isfinite(gram).all()):
-                coeffs, solution = gram_coefficients(gram, global_rows, opt.filter)
-            else:
-                coeffs = None
-        except Exception as exc:
-            header[:2] = torch.tensor([_RAISED, -1])
-            return None, exc
-        if coeffs is None or not bool(torch.isfinite(coeffs).all()):
-            header[:2] = torch.tensor([_NONFINITE, -1])
-            return None, None
-        s = solution.singular_values.to(device=coeffs.device, dtype=torch.float64)
-        header[:] = torch.tensor(
-            [_OK, -1, solution.kept, _SOLVER_CODES["gram"], s.numel()], dtype=torch.float64
-        )
-        return torch.cat([coeffs, s, global_rows, gram @ coeffs]), None
-
-    def _root_solve(
-        self, opt: Sven, parts: list[Tensor], sizes: Tensor, header: Tensor, n_params: int
+        filt: SpectralFilter,
     ) -> tuple[Tensor | None, Exception | None]:
         """Rank 0: concatenate the rows, solve as one process would, fill ``header``."""
         statuses = [int(part[0, 0]) for part in parts]
@@ -761,17 +537,146 @@ class DataParallel:
             header[:2] = torch.tensor([_NONFINITE, -1])
             return None, None
         try:
-            flat, solution = jacobian_step(jac, global_rows, opt.filter, opt.options["solver"])
+            flat, solution = jacobian_step(jac, global_rows, filt, ctx.config.solver)
         except Exception as exc:
             header[:2] = torch.tensor([_RAISED, -1])
             return None, exc
         if not bool(torch.isfinite(flat).all()):
             header[:2] = torch.tensor([_NONFINITE, -1])
             return None, None
-        s = solution.singular_values.to(device=flat.device, dtype=torch.float64)
+        spectral = _spectral(solution, flat.device, _wants_factors(ctx))
+        code = _SOLVER_CODES[solution.solver]
         header[:] = torch.tensor(
-            [_OK, -1, solution.kept, _SOLVER_CODES[solution.solver], s.numel()],
+            [_OK, -1, solution.kept, code, spectral[0].numel()], dtype=torch.float64
+        )
+        body = torch.cat([flat, spectral[0], global_rows, jac @ flat, *spectral[1:]])
+        return body, None
+
+    # ------------------------------------------------------------ factored path
+    def _factored_solve(
+        self,
+        ctx: StepContext,
+        rows: Tensor,
+        sizes: Tensor,
+        captured: Any,
+        out: Tensor,
+        filt: SpectralFilter,
+    ) -> _Outcome | None:
+        """Factored data-parallel step; None when any rank needs the generic backend.
+
+        Each rank computes its per-layer factors (hooks, guard, probe) and sends
+        their rows to rank 0 (padded, one gather), which rebuilds the layer terms
+        of the concatenated batch, forms K (N, N), solves and broadcasts ``c``.
+        Each rank then forms ``J_r^T c_r`` from its own factors and one
+        all-reduce sums the P-vector.
+        """
+        comm, params, backend = self.collective, ctx.params, self.primary
+        local_error: Exception | None = None
+        reason = ""
+        code, fingerprint, width = _OK, 0.0, 0
+        assembly: GramAssembly | None = None
+        try:
+            try:
+                contributions, _ = backend._factors(rows, params, captured, out)
+                assembly = GramAssembly.of(contributions, params)
+                packed = assembly.pack(rows.detach())
+                fingerprint, width = assembly.fingerprint(), packed.shape[1]
+            except FallbackRequired as why:
+                code, reason = _FALLBACK, why.reason
+            except Exception as exc:  # reported to every rank below
+                local_error, code = exc, _RAISED
+            table = comm.all_gather(
+                torch.tensor([code, fingerprint, width], dtype=torch.float64, device=comm.device)
+            )
+            status = table[:, 0].to(torch.int64).tolist()
+            comm.raise_if_raised(status, local_error, "the factored backend")
+            mismatch = bool((table[:, 1] != table[0, 1]).any())
+            if _FALLBACK in status or mismatch:
+                self._warn_fallback(ctx, status, reason)
+                return None
+            assert assembly is not None
+            height = int(sizes.max())
+            payload = torch.zeros(height + 1, width, dtype=torch.float64, device=comm.device)
+            payload[1 : rows.numel() + 1] = packed
+            parts = comm.gather(payload)
+            header = torch.zeros(_HEADER, dtype=torch.float64, device=comm.device)
+            body: Tensor | None = None
+            root_error: Exception | None = None
+            if parts is not None:
+                body, root_error = self._root_gram_solve(
+                    assembly, parts, sizes, header, filt, _wants_factors(ctx)
+                )
+            n_total = int(sizes.sum())
+            values, split = self._broadcast_result(
+                header, body, lambda k: [n_total, k, n_total, n_total], _wants_factors(ctx)
+            )
+            if split is None:
+                if root_error is not None:
+                    raise root_error
+                return _Outcome(values[0], -1)
+            coeffs, s, global_rows, row_change, *factors = split
+            start = int(sizes[: comm.rank].sum())
+            local_c = coeffs[start : start + rows.numel()]
+            # J_r^T c_r in the parameters' dtype (the factors' precision; DDP's bytes)
+            local_step = assembly.transpose_product(params, local_c)
+            step = torch.cat([t.reshape(-1) for t in local_step]).to(params[0].dtype)
+            step = comm.all_reduce(step).to(torch.float64)
+            if not bool(torch.isfinite(step).all()):
+                return _Outcome(_NONFINITE, -1)
+            solution = _solution_from([s, *factors], values[2], "gram")
+            return _Outcome(_OK, -1, step, solution, global_rows, row_change)
+        finally:
+            release = getattr(captured, "release", None)
+            if release is not None:
+                release()
+
+    def _warn_fallback(self, ctx: StepContext, status: list[int], reason: str) -> None:
+        """The one-time SvenFallbackWarning of a collective fallback (same on every rank).
+
+        Every rank takes part (one pickled all-gather of the reasons), whether
+        or not it warns, so the collectives stay matched.
+        """
+        reasons = self.collective.error_messages(RuntimeError(reason) if reason else None)
+        failed = [i for i, s in enumerate(status) if s == _FALLBACK]
+        text = (
+            "; ".join(f"rank {i}: {reasons[i].split(': ', 1)[-1]}" for i in failed)
+            if failed
+            else "the ranks' layer factors have different shapes"
+        )
+        ctx.warn_once(text, fallback_message(self.primary.name, text, everyone=True), 7)
+
+    def _root_gram_solve(
+        self,
+        assembly: GramAssembly,
+        parts: list[Tensor],
+        sizes: Tensor,
+        header: Tensor,
+        filt: SpectralFilter,
+        factors: bool,
+    ) -> tuple[Tensor | None, Exception | None]:
+        """Rank 0: K of the concatenated batch from the gathered factors, then ``c``.
+
+        Fills ``header`` and returns ``[c (N) | s (k) | rows (N) | K c (N) | p, f (k)]``,
+        or None and the error (None for a non-finite K or c).
+        """
+        counts = sizes.tolist()
+        stacked = torch.cat([part[1 : n + 1] for part, n in zip(parts, counts, strict=True)])
+        try:
+            global_rows, merged = assembly.unpack(stacked, self.primary.ghost)
+            gram = merged.gram(global_rows.numel(), stacked.device)
+            coeffs = None
+            if bool(torch.isfinite(gram).all()):
+                coeffs, solution = gram_coefficients(gram, global_rows, filt)
+        except Exception as exc:
+            header[:2] = torch.tensor([_RAISED, -1])
+            return None, exc
+        if coeffs is None or not bool(torch.isfinite(coeffs).all()):
+            header[:2] = torch.tensor([_NONFINITE, -1])
+            return None, None
+        spectral = _spectral(solution, coeffs.device, factors)
+        header[:] = torch.tensor(
+            [_OK, -1, solution.kept, _SOLVER_CODES["gram"], spectral[0].numel()],
             dtype=torch.float64,
         )
-        body = torch.cat([flat, s, global_rows, jac @ flat])
+        body = torch.cat([coeffs, spectral[0], global_rows, gram @ coeffs, *spectral[1:]])
         return body, None

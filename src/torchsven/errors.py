@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteError", "SvenFallbackWarning"]
+__all__ = ["NonFiniteError", "SvenFallbackWarning", "SvenPerformanceWarning"]
 
 
 class NonFiniteError(ValueError):
@@ -11,3 +11,7 @@ class NonFiniteError(ValueError):
 
 class SvenFallbackWarning(UserWarning):
     """A fast backend could not handle a step exactly and the generic backend ran instead."""
+
+
+class SvenPerformanceWarning(UserWarning):
+    """A hint that the same step could run much faster (e.g. pass the model)."""

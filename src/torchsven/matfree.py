@@ -1,7 +1,7 @@
-"""Matrix-free rank-k Sven steps: K = J J^T only through block products (DESIGN.md section 13).
+"""Matrix-free rank-k Sven steps: K = J J^T only through block products K V.
 
-A :class:`JacobianOperator` gives three products of the Jacobian J (N, P) of the
-residual rows, never J or K themselves:
+See docs/design.md, "Rank-k steps". A :class:`JacobianOperator` gives three
+products of the Jacobian J (N, P) of the residual rows, never J or K themselves:
 
 * ``sketch(l)``: ``J Omega`` (N, l) for a random test block ``Omega`` (P, l) of the
   operator's choosing (the factored backend uses Kronecker-structured columns

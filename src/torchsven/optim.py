@@ -1,120 +1,45 @@
 """``torchsven.Sven``: Singular Value Descent as a ``torch.optim.Optimizer``.
 
-The optimizer is a thin shell: it validates arguments, keeps param groups and
-state, calls the closure, hands the residual rows to a backend and applies
-``theta_g <- theta_g - lr_g * (J^+_k r)_g`` group by group. The linear algebra
-is in :mod:`torchsven.solve`, the Jacobian work in :mod:`torchsven.backends`.
+The optimizer is a thin shell: it validates its options (:mod:`torchsven.config`),
+keeps param groups and state, and runs each step as one transaction through
+the stages of :mod:`torchsven.pipeline` (evaluate, update chain, acceptance
+policy, StepInfo). ``docs/design.md`` describes the pipeline.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import fields
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS, make_backend
-from .backends.base import Backend, Direction, FallbackRequired, check_finite
+from .backends import make_backend
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
-from .damping import AdaptiveDamping, default_rtol, parse_damping, serialize_damping
-from .distributed import check_not_ddp, make_data_parallel
-from .errors import SvenFallbackWarning
-from .globalize import RobustState, parse_line_search, parse_on_nonfinite, robust_step
+from .config import (
+    CORE_OPTIONS,
+    GLOBAL_OPTIONS,
+    GROUP_KEYS,
+    VARIANT_OPTIONS,
+    SvenConfig,
+    check_compatible,
+    check_nonnegative,
+    make_config,
+)
+from .damping import AdaptiveDamping
+from .distributed import CollectiveEvaluator, check_not_ddp, make_collective
+from .errors import SvenPerformanceWarning
 from .info import StepInfo
-from .microbatch import check_microbatch_size, group_rows
-from .residuals import groups_of
-from .solve import SOLVERS, SpectralFilter
-from .variants import VARIANT_OPTIONS, Variants, check_variant_options
+from .pipeline.context import StepContext, SvenMemory
+from .pipeline.evaluate import Evaluator, LocalEvaluator
+from .pipeline.run import record_spectrum, run_step
+from .solve import SpectralFilter
+from .spectrum import SpectrumRecord
 
 __all__ = ["GLOBAL_OPTIONS", "Sven"]
-
-#: Options that hold for the whole solve; a param group may not set them.
-GLOBAL_OPTIONS = (
-    "rank",
-    "rtol",
-    "atol",
-    "damping",
-    "backend",
-    "solver",
-    "line_search",
-    "on_nonfinite",
-    *VARIANT_OPTIONS,
-)
-
-
-def _check_nonnegative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number >= 0, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
-def _check_options(
-    rank: Any,
-    rtol: Any,
-    atol: Any,
-    damping: Any,
-    backend: Any,
-    solver: Any,
-    line_search: Any = None,
-    on_nonfinite: Any = "raise",
-) -> dict[str, Any]:
-    """Validate the global options; returns them normalised."""
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(f"rank must be None or an int >= 1, got {type(rank).__name__}")
-        if rank < 1:
-            raise ValueError(f"rank must be None or an int >= 1, got {rank}")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    if not isinstance(solver, str) or solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {solver!r}")
-    damping = parse_damping(damping)
-    line_search = parse_line_search(line_search)
-    if line_search is not None and isinstance(damping, AdaptiveDamping):
-        raise ValueError(
-            "line_search needs a fixed damping (a number); damping='adaptive' already "
-            "rejects steps that do not reduce the objective"
-        )
-    return {
-        "rank": rank,
-        "rtol": default_rtol(damping) if rtol is None else _check_nonnegative("rtol", rtol),
-        "atol": _check_nonnegative("atol", atol),
-        "damping": damping,
-        "backend": backend,
-        "solver": solver,
-        "line_search": line_search,
-        "on_nonfinite": parse_on_nonfinite(on_nonfinite),
-    }
-
-
-def residual_rows(out: Any) -> Tensor:
-    """Validate what a closure returned and flatten it to rows (N,)."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"closure must return a tensor of residual rows, got {type(out).__name__}")
-    if out.dim() == 0:
-        raise ValueError(
-            "closure must return residual rows (a tensor with at least one dimension, "
-            "e.g. model(x) - y), got a 0-dim tensor; Sven needs every residual, not their "
-            "sum (see torchsven.from_losses for per-sample losses)"
-        )
-    if not out.is_floating_point():
-        raise TypeError(f"closure must return floating-point residual rows, got {out.dtype}")
-    if out.numel() == 0:
-        raise ValueError(
-            f"closure returned residual rows with no elements (shape {tuple(out.shape)})"
-        )
-    if not out.requires_grad:
-        raise ValueError(
-            "closure returned residual rows without a grad_fn: they must be computed "
-            "from the parameters with autograd enabled (no .detach(), no torch.no_grad())"
-        )
-    return out.reshape(-1)
 
 
 class Sven(torch.optim.Optimizer):
@@ -144,6 +69,10 @@ class Sven(torch.optim.Optimizer):
         backend: "auto" (factored when the model is known, falling back to generic
             for any step it cannot compute exactly), "factored" or "generic".
         model: the module the parameters belong to, when ``params`` are groups.
+        max_trials: with ``damping="adaptive"``: trials per ``step`` call; a rejected
+            trial is undone and the step re-evaluated with the raised damping (one
+            more closure call and solve each) until one is accepted or the trials
+            are used up.
         microbatch_size: one residual row per group of this many samples (dim 0
             of the closure's output): ``R_g = ||r[group g]||_2``, see
             :mod:`torchsven.microbatch`; None: every residual is a row.
@@ -202,6 +131,7 @@ class Sven(torch.optim.Optimizer):
         process_group: Any = None,
         line_search: str | bool | None = None,
         on_nonfinite: str = "raise",
+        max_trials: int = 1,
         precondition: str | None = None,
         rmsprop_alpha: float = 0.99,
         rmsprop_eps: float = 1e-8,
@@ -217,69 +147,29 @@ class Sven(torch.optim.Optimizer):
         microbatch_size: int | None = None,
         verify: str = "auto",
     ) -> None:
-        # --- distributed (torchsven.distributed): refuse DDP wrappers, validate the group
         check_not_ddp(params, "params")
         check_not_ddp(model, "model")
-        self._data_parallel = make_data_parallel(process_group)
-        # --- end distributed
+        collective = make_collective(process_group)
         if isinstance(params, nn.Module):
             if model is not None and model is not params:
                 raise ValueError("model= must be the same module as the first argument")
             model, params = params, list(params.parameters())
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
-        _check_nonnegative("lr", lr)
-        if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
-        self.options = _check_options(
-            rank, rtol, atol, damping, backend, solver, line_search, on_nonfinite
-        )
-        self._robust = RobustState()
-        self.chunk_bytes = chunk_bytes
-        # --- options of the paper's method (torchsven.variants) ---
-        self._variants = Variants(
-            check_variant_options(
-                self.options["rank"],
-                self.options["backend"],
-                model is not None,
-                self._globalized(),
-                self._data_parallel is not None,
-                precondition=precondition,
-                rmsprop_alpha=rmsprop_alpha,
-                rmsprop_eps=rmsprop_eps,
-                momentum=momentum,
-                variable_rank=variable_rank,
-                param_fraction=param_fraction,
-                mask=mask,
-                seed=seed,
-                randomized=randomized,
-                oversample=oversample,
-                power_iters=power_iters,
-                spectrum_every=spectrum_every,
-            )
-        )
+        check_nonnegative("lr", lr)
+        options = {k: v for k, v in locals().items() if k in {f.name for f in fields(SvenConfig)}}
+        config = make_config(**options)
+        check_compatible(config, model is not None, collective is not None)
+        self.config = config
         self.model = model
-        self.microbatch_size = check_microbatch_size(microbatch_size)
-        if verify not in ("auto", "always"):
-            raise ValueError(f"verify must be 'auto' or 'always', got {verify!r}")
-        self.verify = verify
-        if self.microbatch_size is not None and (
-            self._data_parallel is not None
-            or self.options["line_search"]
-            or isinstance(self.options["damping"], AdaptiveDamping)
-        ):
-            raise ValueError(
-                "microbatch_size cannot be combined with process_group, line_search or "
-                "damping='adaptive' (their trial calls compare per-sample rows)"
-            )
-        self._backend_cache: tuple[tuple, Backend, GenericBackend] | None = None
-        self._backends()  # backend="factored" without a model fails here
         self.last_step: StepInfo | None = None
-        self._steps = 0
-        self._warned: set[str] = set()
+        self._memory = SvenMemory()
+        self._collective = collective
+        self._evaluator_cache: tuple[SvenConfig, Evaluator] | None = None
+        self._evaluator()  # backend="factored" without a model fails here
         super().__init__(params, {"lr": float(lr)})
-        if self._data_parallel is not None:  # distributed: same parameters on every rank
-            self._data_parallel.check_parameters(self._trainable()[0])
+        if collective is not None:  # same parameters on every rank
+            collective.check_parameters(self._trainable()[0])
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -292,32 +182,19 @@ class Sven(torch.optim.Optimizer):
                     f"param group sets {key!r}, which is global in Sven (one solve over all "
                     "parameters); pass it to Sven(...) instead"
                 )
+        for key in param_group:
+            if key not in GROUP_KEYS:
+                raise ValueError(
+                    f"param group sets {key!r}, which Sven does not use (a param group "
+                    f"may set: {sorted(GROUP_KEYS - {'params'})}); remove it"
+                )
         if "lr" in param_group:
-            _check_nonnegative("lr", param_group["lr"])
+            check_nonnegative("lr", param_group["lr"])
         params = param_group.get("params")
         tensors = [params] if isinstance(params, Tensor) else list(params or [])
         existing = [p for g in self.param_groups for p in g["params"]]
-        self._check_homogeneous(existing + tensors)
+        _check_homogeneous(existing + tensors)
         super().add_param_group(param_group)
-
-    @staticmethod
-    def _check_homogeneous(params: list[Tensor]) -> None:
-        for p in params:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"params must hold tensors, got {type(p).__name__}")
-            if not p.is_floating_point():
-                raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
-        if params:
-            first = params[0]
-            for p in params[1:]:
-                if p.device != first.device:
-                    raise ValueError(
-                        f"params must all be on one device, got {first.device} and {p.device}"
-                    )
-                if p.dtype != first.dtype:
-                    raise ValueError(
-                        f"params must all have one dtype, got {first.dtype} and {p.dtype}"
-                    )
 
     def _trainable(self) -> tuple[list[Tensor], list[float]]:
         """Trainable parameters (requires_grad, group lr > 0) and their lrs."""
@@ -336,167 +213,123 @@ class Sven(torch.optim.Optimizer):
                     lrs.append(float(lr))
         return params, lrs
 
-    # ------------------------------------------------------------------- state
+    # --------------------------------------------------------------- options
     @property
-    def spectrum_history(self) -> list:
-        """Spectrum records, one every ``spectrum_every`` steps (:class:`SpectrumRecord`)."""
-        return self._variants.history
+    def options(self) -> Mapping[str, Any]:
+        """The global options (read-only view; ``rtol`` resolved)."""
+        return MappingProxyType({k: getattr(self.config, k) for k in CORE_OPTIONS})
 
     @property
     def filter(self) -> SpectralFilter:
         """The spectral filter the next step uses."""
-        o = self.options
-        if isinstance(o["damping"], AdaptiveDamping):
-            state = self._robust.damping
-            factor = o["damping"].init if state is None else state.factor
-            return SpectralFilter(o["rank"], o["rtol"], o["atol"], 0.0, relative_damping=factor)
-        return SpectralFilter(o["rank"], o["rtol"], o["atol"], o["damping"])
+        damping = self._memory.damping
+        return self.config.filter(None if damping is None else damping.factor)
 
+    @property
+    def spectrum_history(self) -> list[SpectrumRecord]:
+        """Spectrum records, one every ``spectrum_every`` steps (:class:`SpectrumRecord`)."""
+        return self._memory.history
+
+    @property
+    def backend(self) -> Any:
+        """The primary backend object (the factored backend keeps verified structures)."""
+        evaluator = self._evaluator()
+        return getattr(evaluator, "primary", None)
+
+    def _evaluator(self) -> Evaluator:
+        """The evaluator for the current options (derived state: rebuilt on demand)."""
+        cfg = self.config
+        if self._evaluator_cache is None or self._evaluator_cache[0] != cfg:
+            generic = GenericBackend(cfg.solver, cfg.chunk_bytes)
+            primary = make_backend(
+                cfg.backend,
+                self.model,
+                generic,
+                microbatch_size=cfg.microbatch_size,
+                verify=cfg.verify,
+            )
+            if self._collective is not None:
+                evaluator: Evaluator = CollectiveEvaluator(self._collective, primary, generic)
+            else:
+                evaluator = LocalEvaluator(primary, generic)
+            self._evaluator_cache = (cfg, evaluator)
+        return self._evaluator_cache[1]
+
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        options = dict(self.options)
-        options["damping"] = serialize_damping(options["damping"])
-        if options["line_search"] is not None:
-            options["line_search"] = dataclasses.asdict(options["line_search"])
+        memory = self._memory
+        generator = memory.generator(self.config.seed).get_state()
         state["sven"] = {
-            "options": options,
-            "steps": self._steps,
-            "robust": self._robust.to_dict(),
-            "variants": self._variants.state_dict(),
+            "options": self.config.core_dict(),
+            "steps": memory.steps,
+            "robust": memory.robust_dict(),
+            "variants": {
+                "options": self.config.variant_dict(),
+                "generator": bytes(generator.tolist()),
+                "history": [r.to_dict() for r in memory.history],
+            },
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict (also one saved by torchsven 0.1.0); nothing changes on error."""
         state_dict = dict(state_dict)
         sven = state_dict.pop("sven", None)
+        config, memory = self.config, self._memory
         if sven is not None:
-            options = _check_options(**sven["options"])
-            variants = Variants(self._variants.options)
-            if "variants" in sven:
-                variants.load_state_dict(
-                    sven["variants"],
-                    options["rank"],
-                    options["backend"],
-                    self.model is not None,
-                    self._globalized(options),
-                    self._data_parallel is not None,
-                )
+            variants = sven.get("variants", {})
+            current = {f.name: getattr(self.config, f.name) for f in fields(SvenConfig)}
+            config = make_config(
+                **{
+                    **current,
+                    **{
+                        k: v
+                        for k, v in sven["options"].items()
+                        if k in (*CORE_OPTIONS, "max_trials")
+                    },
+                    **{
+                        k: v for k, v in variants.get("options", {}).items() if k in VARIANT_OPTIONS
+                    },
+                }
+            )
+            check_compatible(config, self.model is not None, self._collective is not None)
+            memory = SvenMemory(steps=int(sven["steps"]), warned=set(self._memory.warned))
+            memory.load_robust(sven.get("robust", {}))
+            if "generator" in variants:
+                generator = torch.tensor(list(variants["generator"]), dtype=torch.uint8)
+                memory.generator(config.seed).set_state(generator)  # validates the state
+                memory.generator_state = generator
+            memory.history = [SpectrumRecord.from_dict(r) for r in variants.get("history", [])]
         super().load_state_dict(state_dict)
-        if sven is not None:
-            self.options = options
-            self._steps = int(sven["steps"])
-            self._variants = variants
-            self._robust = RobustState.from_dict(sven.get("robust", {}))
+        self.config, self._memory = config, memory
 
-    def _globalized(self, options: dict[str, Any] | None = None) -> str | None:
-        """Which globalisation (torchsven.globalize) the options set, or None."""
-        o = self.options if options is None else options
-        if isinstance(o["damping"], AdaptiveDamping) or o["line_search"]:
-            return "damping='adaptive' or line_search"
-        if o["on_nonfinite"] != "raise":
-            return "on_nonfinite='skip'"
-        return None
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything ``copy.deepcopy``, ``pickle`` and ``torch.save`` need.
+
+        ``torch.optim.Optimizer.__getstate__`` keeps only defaults, state and
+        param_groups; Sven adds its options, model and memory. The evaluator
+        (backends, hooks) is derived and rebuilt after loading.
+        """
+        if self._collective is not None:
+            raise TypeError(
+                "a Sven with process_group cannot be copied or pickled (a process group "
+                "is bound to its processes); save opt.state_dict() and load it into a "
+                "Sven built on the new group"
+            )
+        state = super().__getstate__()
+        state.update(
+            config=self.config,
+            model=self.model,
+            last_step=self.last_step,
+            _memory=self._memory,
+            _collective=None,
+            _evaluator_cache=None,
+        )
+        return state
 
     # -------------------------------------------------------------------- step
-    def _backends(self) -> tuple[Backend, GenericBackend]:
-        # Kept across steps: the factored backend remembers which model structures
-        # passed its coupling probe.
-        key = (self.options["backend"], self.options["solver"], self.chunk_bytes)
-        if self._backend_cache is None or self._backend_cache[0] != key:
-            generic = GenericBackend(self.options["solver"], self.chunk_bytes)
-            primary = make_backend(
-                self.options["backend"],
-                self.model,
-                generic,
-                microbatch_size=self.microbatch_size,
-                verify=self.verify,
-            )
-            self._backend_cache = (key, primary, generic)
-        return self._backend_cache[1], self._backend_cache[2]
-
-    def _direction(
-        self,
-        primary: Backend,
-        generic: GenericBackend,
-        rows: Tensor,
-        params: list[Tensor],
-        captured: Any,
-        output: Tensor | None = None,
-    ) -> tuple[Direction, str]:
-        if primary is generic:
-            return generic.direction(rows, params, self.filter), generic.name
-        try:
-            return primary.direction(rows, params, self.filter, captured, output), primary.name
-        except FallbackRequired as why:
-            if why.reason not in self._warned:
-                self._warned.add(why.reason)
-                warnings.warn(
-                    f"Sven: the {primary.name} backend cannot compute this step exactly "
-                    f"({why.reason}); using the generic backend",
-                    SvenFallbackWarning,
-                    stacklevel=3,
-                )
-            return generic.direction(rows, params, self.filter), generic.name
-
-    def _evaluate(
-        self, closure: Callable[[], Tensor], params: list[Tensor]
-    ) -> tuple[Tensor, Tensor, Direction, str]:
-        """Call the closure (under enable_grad, with the backend's capture) and solve.
-
-        Returns the closure's output, its rows (N,), the direction and the name
-        of the backend that computed it. Changes nothing.
-        """
-        if self._data_parallel is not None:  # distributed: global rows and direction
-            return self._data_parallel.evaluate(self, closure, params)
-        if self._variants.options.changes_direction:  # masks, "pre", randomized (variants)
-            return self._variants.evaluate(self, closure, params)
-        primary, generic = self._backends()
-        with torch.enable_grad():  # also for the backends' autograd calls after the closure
-            with primary.capture(params) as captured:
-                out = closure()
-            rows = residual_rows(out)
-            if self.microbatch_size is not None:
-                rows = group_rows(out, self.microbatch_size)
-            check_finite(rows.detach(), "the residual rows returned by the closure")
-            if not params:
-                return out, rows, generic.direction(rows, [], self.filter), generic.name
-            direction, used = self._direction(primary, generic, rows, params, captured, out)
-        flat = torch.cat([d.reshape(-1) for d in direction.step])
-        check_finite(flat, "the Sven step (the Jacobian has NaN or Inf entries)")
-        return out, rows, direction, used
-
-    @staticmethod
-    def _apply(params: list[Tensor], lrs: list[float], step: list[Tensor]) -> None:
-        """``theta_g <- theta_g - lr_g * step_g`` in the parameters' dtype."""
-        with torch.no_grad():
-            for p, d, lr in zip(params, step, lrs, strict=True):
-                p.add_(d.to(p.dtype), alpha=-lr)
-
-    def _info(
-        self,
-        rows: Tensor,
-        direction: Direction,
-        backend: str,
-        damping: float | None = None,
-        **extras: Any,
-    ) -> StepInfo:
-        if self._data_parallel is not None:  # distributed: communication volume
-            extras = {**self._data_parallel.extras(), **extras}
-        extras = {**direction.extras, **extras}  # backend diagnostics (matrix-free sketch)
-        sq = float(rows.detach().to(torch.float64).square().sum())
-        return StepInfo(
-            loss=0.5 * sq,
-            residual_norm=math.sqrt(sq),
-            singular_values=direction.solution.singular_values,
-            kept=direction.solution.kept,
-            damping=self.options["damping"] if damping is None else damping,
-            backend=backend,
-            solver=direction.solution.solver,
-            rows=rows.numel(),
-            extras=extras,
-        )
-
-    def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One Sven step. ``closure()`` returns residual rows; returns that tensor.
 
         Raises (and changes nothing: parameters, state and ``last_step`` stay as
@@ -505,45 +338,61 @@ class Sven(torch.optim.Optimizer):
         Rows made by :func:`torchsven.residuals.stack` get their per-group
         norms reported in ``last_step.extras["groups"]``.
         """
-        out = self._step(closure)
-        # --- residual groups (torchsven.residuals.stack): per-group norms before the step
-        layout = groups_of(out)
-        if layout is not None and self.last_step is not None:
-            extras = {**self.last_step.extras, "groups": layout.report()}
-            self.last_step = dataclasses.replace(self.last_step, extras=extras)
-        # --- end residual groups
-        return out
-
-    def _step(self, closure: Callable[[], Tensor]) -> Tensor:
         if closure is None or not callable(closure):
             raise TypeError(
                 "Sven.step needs a closure that returns residual rows, e.g. "
-                "opt.step(lambda: model(x) - y)"
+                "opt.step(lambda: model(x) - y); Sven solves for every row at once, so "
+                "it cannot step from .grad like first-order optimizers"
             )
         params, lrs = self._trainable()
-        if self._variants.options.changes_step and not self._globalized():  # variants
-            return self._variants.step(self, closure, params, lrs)
-        o = self.options
-        if (
-            isinstance(o["damping"], AdaptiveDamping)
-            or o["line_search"]
-            or o["on_nonfinite"] != "raise"
-        ):
-            # --- distributed: the trial calls of a globalised step are collective too
-            if self._data_parallel is not None:
-                closure = self._data_parallel.collective_trials(closure)
-            # --- end distributed
-            try:
-                out = robust_step(self, closure, params, lrs)  # torchsven.globalize
-            except BaseException:
-                self._variants.rollback()  # variants: the masks' generator draws
-                raise
-            self._variants.commit(self)  # variants: "pre" state; spectrum_every
-            self._variants.record(self.last_step, self._steps - 1)
-            return out
-        out, rows, direction, used = self._evaluate(closure, params)
-        self._apply(params, lrs, direction.step)
-        self._steps += 1
-        self.last_step = self._info(rows, direction, used)
-        self._variants.record(self.last_step, self._steps - 1)  # spectrum_every
+        evaluator = self._evaluator()
+        ctx = StepContext(self.config, params, lrs, self.model, self.state, self._memory.copy())
+        try:
+            out, info = run_step(closure, ctx, evaluator)
+        except BaseException:
+            ctx.restore()
+            raise
+        ctx.store()
+        ctx.keep_generator()
+        record_spectrum(ctx, info)
+        ctx.memory.steps += 1
+        self._memory = ctx.memory
+        self.last_step = info
+        self._hint(info)
         return out
+
+    def _hint(self, info: StepInfo) -> None:
+        """Once: parameters without their module run the (slower) generic backend."""
+        if (
+            self.model is None
+            and self.config.backend == "auto"
+            and info.backend == "generic"
+            and "hint:model" not in self._memory.warned
+        ):
+            self._memory.warned.add("hint:model")
+            warnings.warn(
+                "Sven got parameters without their nn.Module, so it uses the generic "
+                "backend (a materialised Jacobian). Pass the module, Sven(model, ...), or "
+                "model=model with param groups, for the factored backend (exact and much "
+                "faster on nn.Linear/Conv/Embedding/norm models); backend='generic' "
+                "silences this",
+                SvenPerformanceWarning,
+                stacklevel=3,
+            )
+
+
+def _check_homogeneous(params: list[Tensor]) -> None:
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params must hold tensors, got {type(p).__name__}")
+        if not p.is_floating_point():
+            raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+    if params:
+        first = params[0]
+        for p in params[1:]:
+            if p.device != first.device:
+                raise ValueError(
+                    f"params must all be on one device, got {first.device} and {p.device}"
+                )
+            if p.dtype != first.dtype:
+                raise ValueError(f"params must all have one dtype, got {first.dtype} and {p.dtype}")

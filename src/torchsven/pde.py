@@ -1,12 +1,15 @@
-r"""PDE problems for physics-informed training: Poisson on the unit cube.
+r"""PDE problems for physics-informed training: Poisson on the unit cube, heat in 1+1D.
 
 A :class:`PoissonProblem` is ``-Lap u = f`` on ``[0, 1]^d`` with ``u = g`` on
-the boundary and a known exact solution. It gives the residual rows for Sven
-(:meth:`PoissonProblem.rows`: weighted groups ``"pde"`` and ``"bc"`` built by
-:func:`torchsven.residuals.stack`, Jacobian by :func:`torchsven.pinn.pointwise_rows`),
-the same objective as a scalar for first-order optimizers
-(:meth:`PoissonProblem.loss`), a seeded model and the relative L2 error on a
-held-out grid.
+the boundary and a known exact solution; a :class:`HeatProblem` is
+``u_t = kappa u_xx`` on ``(x, t) in [0, 1]^2`` with initial and boundary
+values. Each gives the residual rows for Sven (``rows``: weighted groups
+built by :func:`torchsven.residuals.stack` from one forward-Laplacian jet
+over all points, :func:`torchsven.pinn.forward_laplacian`, so the factored
+backend computes the step), the same rows by nested autograd
+(``rows_autograd``, the general route and the tests' reference), the same
+objective as a scalar for first-order optimizers (``loss``), a seeded model
+and the relative L2 error on a held-out grid.
 
 float64 end to end is one switch: ``dtype`` of :meth:`PoissonProblem.make_model`
 and of :class:`BoxSampler` (both default to float64); the points set the dtype
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +29,15 @@ from torch import Tensor, nn
 from . import pinn
 from .residuals import stack
 
-__all__ = ["BoxSampler", "PoissonProblem", "grid_points", "poisson_2d", "poisson_5d"]
+__all__ = [
+    "BoxSampler",
+    "HeatProblem",
+    "PoissonProblem",
+    "grid_points",
+    "heat_1d",
+    "poisson_2d",
+    "poisson_5d",
+]
 
 
 def _check_count(name: str, value: object, minimum: int = 1) -> int:
@@ -138,7 +149,21 @@ class PoissonProblem:
         return values.reshape(x.shape[0]) - self.exact(x)
 
     def rows(self, model: nn.Module, interior: Tensor, boundary: Tensor) -> Tensor:
-        """Sven rows: ``stack({"pde": ..., "bc": ...}, weights)`` with fast Jacobians."""
+        """Sven rows ``stack({"pde": ..., "bc": ...}, weights)`` from one forward-Laplacian
+        jet over interior and boundary points together (factored backend)."""
+        jet = pinn.forward_laplacian(model, torch.cat([interior, boundary]))
+        inner, edge = jet.split([interior.shape[0], boundary.shape[0]])
+        return stack(
+            {
+                "pde": -inner.laplacian[:, 0] - self.source(interior),
+                "bc": edge.value[:, 0] - self.exact(boundary),
+            },
+            weights=self.weights,
+        )
+
+    def rows_pointwise(self, model: nn.Module, interior: Tensor, boundary: Tensor) -> Tensor:
+        """The same rows by :func:`torchsven.pinn.pointwise_rows` (torch.func Jacobians;
+        any model torch.func can run, generic backend)."""
         return stack(
             {
                 "pde": pinn.pointwise_rows(model, self.pde_residual, interior),
@@ -160,7 +185,7 @@ class PoissonProblem:
 
     def loss(self, model: nn.Module, interior: Tensor, boundary: Tensor) -> Tensor:
         """Scalar ``0.5 * sum_g w_g MSE_g`` (the Sven objective) for first-order optimizers."""
-        return 0.5 * self.rows_autograd(model, interior, boundary).square().sum()
+        return 0.5 * self.rows(model, interior, boundary).square().sum()
 
     # -------------------------------------------------------------- model
     def make_model(self, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -225,3 +250,133 @@ def poisson_5d(width: int = 64) -> PoissonProblem:
         weights={"pde": 1.0, "bc": 1.0},
         grid_per_dim=9,
     )
+
+
+# --------------------------------------------------------------------------- heat
+@dataclass(frozen=True)
+class HeatProblem:
+    r"""``u_t = kappa u_xx`` on ``(x, t) in [0, 1]^2``, ``u(x, 0) = sin(pi x)``, ``u = 0`` at
+    ``x = 0, 1``; exact ``u = exp(-kappa pi^2 t) sin(pi x)``. Points are ``(x, t)``.
+
+    Attributes:
+        name: short name ("heat-1d").
+        diffusivity: kappa.
+        width: hidden width of the MLP 2-width-width-1 tanh.
+        weights: group weights ``{"pde", "initial", "boundary"}`` of the objective
+            ``0.5 * sum_g w_g MSE_g``.
+        grid_per_dim: points per axis of the held-out evaluation grid.
+    """
+
+    name: str = "heat-1d"
+    diffusivity: float = 0.25
+    width: int = 32
+    weights: Mapping[str, float] = field(
+        default_factory=lambda: {"pde": 1.0, "initial": 1.0, "boundary": 1.0}
+    )
+    grid_per_dim: int = 101
+
+    def exact(self, x: Tensor) -> Tensor:
+        """``exp(-kappa pi^2 t) sin(pi x)`` at points (n, 2) -> (n,)."""
+        return torch.exp(-self.diffusivity * math.pi**2 * x[:, 1]) * torch.sin(math.pi * x[:, 0])
+
+    def sample(
+        self,
+        n_interior: int,
+        n_initial: int,
+        n_boundary: int,
+        *,
+        seed: int = 0,
+        step: int = 0,
+        dtype: torch.dtype = torch.float64,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(interior (n_i, 2), initial (n_0, 2) at t = 0, boundary (n_b, 2) at x = 0 or 1),
+        uniform, from ``(seed, step)`` alone (as :class:`BoxSampler`)."""
+        for name, value in (("n_interior", n_interior), ("n_initial", n_initial)):
+            _check_count(name, value)
+        _check_count("n_boundary", n_boundary)
+        g = BoxSampler(2, 1, 0, seed=seed).generator(step)
+        interior = torch.rand(n_interior, 2, generator=g, dtype=torch.float64)
+        initial = torch.rand(n_initial, 2, generator=g, dtype=torch.float64)
+        initial[:, 1] = 0.0
+        boundary = torch.rand(n_boundary, 2, generator=g, dtype=torch.float64)
+        boundary[:, 0] = (torch.arange(n_boundary) % 2).to(torch.float64)
+        dtype = _check_dtype(dtype)
+        return interior.to(dtype), initial.to(dtype), boundary.to(dtype)
+
+    def _groups(self, jet: pinn.LaplacianJet, points: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        inner, start, edge = jet.split([p.shape[0] for p in points])
+        return stack(
+            {
+                # u_t - kappa u_xx
+                "pde": inner.gradient[:, 0, 1] - self.diffusivity * inner.laplacian[:, 0],
+                "initial": start.value[:, 0] - self.exact(points[1]),
+                "boundary": edge.value[:, 0],
+            },
+            weights=self.weights,
+        )
+
+    def rows(self, model: nn.Module, interior: Tensor, initial: Tensor, boundary: Tensor) -> Tensor:
+        """Sven rows ``stack({"pde", "initial", "boundary"})`` from one forward-Laplacian jet
+        (Laplacian over x only) over all points (factored backend)."""
+        points = (interior, initial, boundary)
+        jet = pinn.forward_laplacian(model, torch.cat(points), dims=[0])
+        return self._groups(jet, points)
+
+    def rows_autograd(
+        self, model: nn.Module, interior: Tensor, initial: Tensor, boundary: Tensor
+    ) -> Tensor:
+        """The same rows by nested autograd (the natural closure; generic backend)."""
+        x = interior.detach().requires_grad_(True)
+        u = model(x)
+        grad = pinn.gradient(u, x)
+        u_xx = pinn.hessian_diagonal(u, x)[:, 0]
+        return stack(
+            {
+                "pde": grad[:, 1] - self.diffusivity * u_xx,
+                "initial": model(initial)[:, 0] - self.exact(initial),
+                "boundary": model(boundary)[:, 0],
+            },
+            weights=self.weights,
+        )
+
+    def loss(self, model: nn.Module, interior: Tensor, initial: Tensor, boundary: Tensor) -> Tensor:
+        """Scalar ``0.5 * sum_g w_g MSE_g`` (the Sven objective) for first-order optimizers."""
+        return 0.5 * self.rows(model, interior, initial, boundary).square().sum()
+
+    def make_model(self, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+        """MLP ``2-width-width-1`` tanh, Xavier-normal weights, zero biases, from ``seed``."""
+        g = torch.Generator().manual_seed(_check_count("seed", seed, 0))
+        w = _check_count("width", self.width)
+        model = nn.Sequential(
+            nn.Linear(2, w), nn.Tanh(), nn.Linear(w, w), nn.Tanh(), nn.Linear(w, 1)
+        )
+        with torch.no_grad():
+            for layer in (model[0], model[2], model[4]):
+                std = math.sqrt(2.0 / (layer.in_features + layer.out_features))
+                layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * std)
+                layer.bias.zero_()
+        return model.to(_check_dtype(dtype))
+
+    def grid(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """The held-out evaluation grid (grid_per_dim^2 points (x, t))."""
+        return grid_points(2, self.grid_per_dim, dtype=dtype)
+
+    def relative_l2(self, model: nn.Module, points: Tensor | None = None) -> float:
+        """``||u_model - u_exact|| / ||u_exact||`` on ``points`` (default: the grid)."""
+        dtype = next(model.parameters()).dtype
+        x = self.grid(dtype) if points is None else points
+        with torch.no_grad():
+            u = model(x).reshape(-1)
+            ref = self.exact(x)
+            return float((u - ref).norm() / ref.norm())
+
+
+def heat_1d(width: int = 32, diffusivity: float = 0.25) -> HeatProblem:
+    r"""``u_t = u_xx / 4`` on ``[0, 1]^2`` (points (x, t)), ``u(x, 0) = sin(pi x)``,
+    ``u(0, t) = u(1, t) = 0``; exact ``exp(-pi^2 t / 4) sin(pi x)``; MLP 2-32-32-1 tanh;
+    101 x 101 evaluation grid."""
+    if isinstance(diffusivity, bool) or not isinstance(diffusivity, (int, float)):
+        raise TypeError(f"diffusivity must be a real number, got {type(diffusivity).__name__}")
+    if not (math.isfinite(diffusivity) and diffusivity > 0):
+        raise ValueError(f"diffusivity must be a finite number > 0, got {diffusivity}")
+    return HeatProblem(width=_check_count("width", width), diffusivity=float(diffusivity))

@@ -1,8 +1,17 @@
 r"""Physics-informed residuals: input derivatives of a network on a batch of points.
 
-Two ways to write a PDE residual for Sven, same numbers, different cost:
+Three ways to write a PDE residual for Sven, same numbers, different cost:
 
-* **Tensor helpers** (nested autograd): ``x.requires_grad_(True)``,
+* **Forward jets** (fast; :mod:`torchsven.jets`): ``value, grad, lap =
+  forward_laplacian(model, x)`` carries the value, the d first derivatives and
+  the Laplacian through the model's own modules in one forward pass (also
+  :func:`forward_hessian_diagonal`, :func:`forward_operator` for
+  ``sum_ij A_ij d^2u/dx_i dx_j``). Rows built from it run on Sven's factored
+  backend (exact Gram matrix, one backward per step) when the model is called
+  once on all points (interior and boundary together; cut the result with
+  ``.split``). Models: Linear layers, elementwise activations, sequential and
+  residual containers.
+* **Tensor helpers** (nested autograd; the general fallback, any model): ``x.requires_grad_(True)``,
   ``u = model(x)``, then ``laplacian(u, x)``, ``gradient(u, x)``, ... Every
   helper builds its graph with ``create_graph=True``, so the rows can be
   differentiated again with respect to the parameters (Sven's generic backend,
@@ -34,8 +43,29 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.func import functional_call, jacfwd, jacrev, vmap
 
+from .jets import (
+    HessianDiagonalJet,
+    LaplacianJet,
+    OperatorJet,
+    Residual,
+    Sin,
+    forward_hessian_diagonal,
+    forward_jet,
+    forward_laplacian,
+    forward_operator,
+)
+
 __all__ = [
+    "HessianDiagonalJet",
+    "LaplacianJet",
+    "OperatorJet",
+    "Residual",
+    "Sin",
     "divergence",
+    "forward_hessian_diagonal",
+    "forward_jet",
+    "forward_laplacian",
+    "forward_operator",
     "gradient",
     "hessian",
     "hessian_diagonal",

@@ -1,7 +1,7 @@
 """Residual rows from per-sample losses or errors.
 
 Sven needs rows ``r`` whose half squared norm is the objective. Two common ways
-to get them (DESIGN.md section 1):
+to get them (docs/design.md, "Notation"):
 
 * :func:`from_losses`: per-sample losses ``l_i >= 0`` -> ``r_i = l_i^(kappa/2)``.
 * :func:`from_errors`: errors ``e = f - y`` -> ``sign(e) |e|^kappa``.

@@ -1,7 +1,7 @@
 """Pure linear algebra of one Sven step: spectral filters and filtered solves.
 
 Every function here is stateless and works in float64 whatever the input dtype.
-Notation (DESIGN.md section 1):
+Notation (docs/design.md, "Notation"):
 
 * ``jac``   J, (N, P): Jacobian of the N residual rows w.r.t. the P parameters.
 * ``rows``  r, (N,): residual rows.
@@ -13,7 +13,7 @@ inverse ``phi(s) = 1/s`` (or ``s / (s^2 + mu)`` with damping ``mu``) on the kept
 singular values and 0 elsewhere. A singular value ``s_i`` (descending, index i
 from 0) is kept when ``i < rank`` and ``s_i > max(rtol * s_1, atol, floor)``.
 
-Through the Gram matrix (sample space, DESIGN.md section 2),
+Through the Gram matrix (sample space, docs/design.md "The Gram identity"),
 ``J^+_k r = J^T c`` with ``c = U_k diag(phi(s) / s) U_k^T r``; ``phi(s)/s`` is
 ``1/e`` or ``1/(e + mu)`` with ``e = s^2``, so no division by ``s`` is needed.
 An eigh of a Gram matrix in float64 resolves ``s_i`` only down to about
@@ -114,11 +114,36 @@ class SpectralSolution:
         singular_values: (k,) float64, descending, all that the decomposition produced.
         kept: number of directions used.
         solver: "svd", "gram" or "normal".
+        projections: (k,) float64 ``u_i^T r``, the rows in the left singular basis,
+            or None where the solve does not form them.
+        factors: (k,) float64 filter factors ``f_i = s_i phi(s_i)`` (1 for a kept,
+            undamped direction, 0 for a dropped one), or None with ``projections``.
     """
 
     singular_values: Tensor
     kept: int
     solver: str
+    projections: Tensor | None = None
+    factors: Tensor | None = None
+
+    def predicted_reduction(self, scale: float = 1.0) -> float | None:
+        """``f(theta) - m(h)`` for ``h = scale * J^+_k r``, or None without the factors.
+
+        With ``p_i = u_i^T r`` and ``f_i`` the filter factors,
+        ``0.5 ||r||^2 - 0.5 ||r - J h||^2 = sum_i p_i^2 (scale f_i)(2 - scale f_i) / 2``:
+        a sum of terms >= 0 for ``0 <= scale f_i <= 2``, never the difference of
+        two nearly equal norms (which loses everything on ill-conditioned J).
+        """
+        if self.projections is None or self.factors is None:
+            return None
+        g = scale * self.factors
+        return float((self.projections.square() * g * (2.0 - g)).sum() / 2.0)
+
+    def slope(self, scale: float = 1.0) -> float | None:
+        """``r^T J h`` for ``h = scale * J^+_k r`` (``sum_i p_i^2 scale f_i``), or None."""
+        if self.projections is None or self.factors is None:
+            return None
+        return float((self.projections.square() * self.factors).sum() * scale)
 
 
 def gram_floor(n: int, s_max: float | Tensor) -> float:
@@ -156,8 +181,10 @@ def gram_coefficients(
     s = torch.sqrt(torch.clamp(evals, min=0.0))
     floor = gram_floor(n, s[0])
     weights, mask = filt.inverse_square(evals, floor)
-    coeffs = evecs @ (weights * (evecs.mT @ rows))
-    return coeffs, SpectralSolution(s.cpu(), int(mask.sum()), "gram")
+    projections = evecs.mT @ rows
+    coeffs = evecs @ (weights * projections)
+    factors = (evals * weights).cpu()
+    return coeffs, SpectralSolution(s.cpu(), int(mask.sum()), "gram", projections.cpu(), factors)
 
 
 def svd_step(jac: Tensor, rows: Tensor, filt: SpectralFilter) -> tuple[Tensor, SpectralSolution]:
@@ -166,8 +193,10 @@ def svd_step(jac: Tensor, rows: Tensor, filt: SpectralFilter) -> tuple[Tensor, S
     rows = rows.to(torch.float64).reshape(-1)
     u, s, vh = torch.linalg.svd(jac, full_matrices=False)
     phi, mask = filt.inverse(s)
-    step = vh.mT @ (phi * (u.mT @ rows))
-    return step, SpectralSolution(s.cpu(), int(mask.sum()), "svd")
+    projections = u.mT @ rows
+    step = vh.mT @ (phi * projections)
+    solution = SpectralSolution(s.cpu(), int(mask.sum()), "svd", projections.cpu(), (s * phi).cpu())
+    return step, solution
 
 
 def normal_step(
@@ -183,8 +212,13 @@ def normal_step(
     evals, evecs = _descending_eigh(normal)
     s = torch.sqrt(torch.clamp(evals, min=0.0))
     weights, mask = filt.inverse_square(evals, gram_floor(p, s[0]))
-    step = evecs @ (weights * (evecs.mT @ jac_t_rows))
-    return step, SpectralSolution(s.cpu(), int(mask.sum()), "normal")
+    gradient_coords = evecs.mT @ jac_t_rows  # s_i u_i^T r
+    step = evecs @ (weights * gradient_coords)
+    positive = s > 0
+    projections = torch.where(positive, gradient_coords / torch.where(positive, s, 1.0), 0.0)
+    factors = (evals * weights).cpu()
+    solution = SpectralSolution(s.cpu(), int(mask.sum()), "normal", projections.cpu(), factors)
+    return step, solution
 
 
 def choose_solver(n_rows: int, n_params: int) -> str:

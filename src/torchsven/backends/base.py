@@ -64,13 +64,24 @@ def flat_to_params(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
 
 
 class Backend(abc.ABC):
-    """Computes the filtered direction for the residual rows of one closure call."""
+    """Computes the filtered direction for the residual rows of one closure call.
+
+    Declared capabilities (the evaluator asks these, never ``hasattr``):
+    ``provides_gram``: :meth:`gram_matrix` is implemented; ``provides_matfree``:
+    :meth:`matfree_direction` (rank-k steps through block products ``K V``).
+    """
 
     name: str = "abstract"
+    provides_gram: bool = False
+    provides_matfree: bool = False
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Any]:
-        """Context active while the closure runs; yields what ``direction`` needs."""
+    def capture(self, params: Sequence[Tensor], selection: Any = None) -> Iterator[Any]:
+        """Context active while the closure runs; yields what ``direction`` needs.
+
+        ``selection``: the step's :class:`torchsven.masks.Selection` when it
+        routes layer rows through leaf tensors (``mask="rows"``).
+        """
         yield None
 
     @abc.abstractmethod
@@ -88,12 +99,47 @@ class Backend(abc.ABC):
         unflattened return value (dim 0: samples), when the caller has it.
         """
 
+    def gram_matrix(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        captured: Any,
+        output: Tensor | None = None,
+    ) -> Tensor:
+        """``K = J J^T`` (N, N) float64; only where :attr:`provides_gram` is True."""
+        raise NotImplementedError(f"the {self.name} backend does not provide a Gram matrix")
 
-def check_finite(tensor: Tensor, what: str) -> None:
-    """Raise NonFiniteError when ``tensor`` holds NaN or Inf (one host sync)."""
+    def matfree_direction(
+        self,
+        rows: Tensor,
+        params: Sequence[Tensor],
+        filt: SpectralFilter,
+        captured: Any,
+        output: Tensor | None = None,
+        *,
+        columns: int,
+        power_iters: int,
+        generator: torch.Generator,
+        probes: int = 4,
+    ) -> Direction:
+        """Rank-k step through block products; only where :attr:`provides_matfree` is True."""
+        raise NotImplementedError(f"the {self.name} backend has no matrix-free rank-k step")
+
+
+def check_finite(tensor: Tensor | Sequence[Tensor], what: str) -> None:
+    """Raise NonFiniteError when ``tensor`` (or any of several) holds NaN or Inf.
+
+    One host sync however many tensors are checked.
+    """
     from ..errors import NonFiniteError
 
-    if not bool(torch.isfinite(tensor).all()):
+    if isinstance(tensor, Tensor):
+        finite = torch.isfinite(tensor).all()
+    elif not tensor:
+        return
+    else:
+        finite = torch.stack([torch.isfinite(t).all() for t in tensor]).all()
+    if not bool(finite):
         raise NonFiniteError(
             f"{what} contains NaN or Inf; the step was not taken and nothing was changed"
         )

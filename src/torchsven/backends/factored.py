@@ -1,6 +1,6 @@
 """Factored Gram backend: ``K = J J^T`` from per-layer hook factors, never J.
 
-One step (DESIGN.md sections 2 and 3):
+One step (docs/design.md, "Backends"):
 
 1. ``capture``: forward hooks on the model's modules record each call's inputs
    and put a tensor hook on its outputs (robust to in-place ops after the layer).
@@ -32,12 +32,23 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_functorch_wrapped_tensor
 from torch.utils._pytree import tree_flatten
 
+from ..masks import Selection
 from ..matfree import ParamBlock, range_finder, ritz_step
-from ..solve import SpectralFilter, SpectralSolution, gram_coefficients
-from .base import Backend, Direction, FallbackRequired, check_finite
+from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
+from .assembly import GramAssembly
+from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
+from .broadcast import (
+    BroadcastLeaf,
+    is_broadcast_call,
+    per_sample_call,
+    sample_like,
+    watch_consumers,
+)
 from .layers import (
+    ChannelBiasLinearTerm,
     EmbeddingTerm,
     GenericTerm,
     LinearLikeTerm,
@@ -48,6 +59,7 @@ from .layers import (
     block_j,
     block_jt,
     block_sketch,
+    channel_bias_mask,
     conv_factors,
     dtype_tolerance,
     embedding_factors,
@@ -103,12 +115,29 @@ class Call:
     versions: list[tuple[Tensor, int]]
     out_leaves: list[Tensor] = field(default_factory=list)
     grads: list[list[Tensor | None]] = field(default_factory=list)  # [leaf][pass]
+    #: Linear on channels (S, C, d_in) with its bias only where the mask (C,) holds
+    #: (:func:`torchsven.backends.layers.bias_on_channels`); None: bias everywhere.
+    bias_mask: tuple[bool, ...] | None = None
+    #: the autocast dtype the call ran under (its Linear/Conv inputs are cast to it)
+    autocast: torch.dtype | None = None
+    #: output rows (Linear features / Conv channels) whose weight rows are solved for
+    #: (``mask="rows"``: the covered tensors are the selection's leaves), or None
+    out_rows: Tensor | None = None
+
+    def input(self) -> Any:
+        """The first input as the module's kernel saw it (autocast's cast applied)."""
+        x = self.args[0] if self.args else None
+        if self.autocast is not None and isinstance(x, Tensor) and x.is_floating_point():
+            return x.to(self.autocast)
+        return x
 
 
 class Recorder:
     """Hooks of one step: forward (pre-)hooks on modules, tensor hooks on outputs."""
 
-    def __init__(self, model: nn.Module, params: Sequence[Tensor]) -> None:
+    def __init__(
+        self, model: nn.Module, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> None:
         self.model = model
         trainable = {id(p) for p in params}
         self.calls: list[Call] = []
@@ -132,6 +161,18 @@ class Recorder:
                 self._owned[id(module)] = {
                     n: p for n, p in module.named_parameters(recurse=False) if id(p) in trainable
                 }
+        # mask="rows": a masked layer's solved-for tensors are the leaves W[S], b[S]
+        self._out_rows: dict[int, Tensor] = {}
+        if selection is not None:
+            names = {id(m): n for n, m in model.named_modules()}
+            for layer, (weight, bias), out_rows in zip(
+                selection.row_layers, selection.row_leaves, selection.row_index, strict=True
+            ):
+                key = id(layer.module)
+                owned = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+                self._names[key] = names.get(key, "?")
+                self._owned[key] = self._subtree[key] = owned
+                self._out_rows[key] = out_rows
 
     # ------------------------------------------------------------- install
     def install(self) -> None:
@@ -189,6 +230,12 @@ class Recorder:
             leaves, _ = tree_flatten((args, kwargs))
             versions = [(t, t._version) for t in leaves if isinstance(t, Tensor)]
             call = Call(module, self._names[key], kind, args, kwargs, covers, versions)
+            call.out_rows = self._out_rows.get(key)
+            device = next(iter(covers.values())).device.type
+            if kind in ("linear", "conv") and torch.is_autocast_enabled(device):
+                call.autocast = torch.get_autocast_dtype(device)
+            if kind == "linear":
+                call.bias_mask = channel_bias_mask()
             out_leaves, _ = tree_flatten(output)
             for t in out_leaves:
                 if isinstance(t, Tensor) and t.requires_grad:
@@ -233,6 +280,8 @@ class FactoredBackend(Backend):
     """
 
     name = "factored"
+    provides_gram = True
+    provides_matfree = True
 
     def __init__(
         self,
@@ -258,8 +307,10 @@ class FactoredBackend(Backend):
         self.probes = 0
 
     @contextlib.contextmanager
-    def capture(self, params: Sequence[Tensor]) -> Iterator[Recorder]:
-        recorder = Recorder(self.model, params)
+    def capture(
+        self, params: Sequence[Tensor], selection: Selection | None = None
+    ) -> Iterator[Recorder]:
+        recorder = Recorder(self.model, params, selection)
         recorder.install()
         try:
             yield recorder
@@ -391,23 +442,50 @@ class FactoredBackend(Backend):
                     raise FallbackRequired(
                         f"an input of module '{call.name}' was modified in place after the call"
                     )
-            if call.kind != "generic":
-                x = call.args[0] if call.args else None
-                if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] != layout.samples:
-                    shape = tuple(x.shape) if isinstance(x, Tensor) else None
-                    raise FallbackRequired(
-                        f"module '{call.name}' was called on input of shape {shape}, not "
-                        f"batch-first with {layout.samples} samples"
-                    )
+            if call.kind != "generic" and not (call.args and isinstance(call.args[0], Tensor)):
+                raise FallbackRequired(f"module '{call.name}' was called without a tensor input")
 
     def _signature(self, recorder: Recorder, layout: RowLayout, params: list[Tensor]) -> tuple:
         calls = []
         for c in recorder.calls:
             leaves, _ = tree_flatten((c.args, c.kwargs))
             shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, Tensor))
-            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers))))
+            calls.append((c.name, c.kind, shapes, tuple(sorted(c.covers)), c.bias_mask))
         flags = tuple(m.training for m in self.model.modules())
         return (layout, tuple(calls), flags, tuple(id(p) for p in params))
+
+    def _watch_broadcast(
+        self, rows: Tensor, recorder: Recorder, layout: RowLayout
+    ) -> list[BroadcastLeaf]:
+        """Hook the consumers of outputs of calls broadcast over the batch (broadcast.py)."""
+        calls = [
+            c for c in recorder.calls if is_broadcast_call(c.kind, c.args, c.kwargs, layout.samples)
+        ]
+        for call in calls:
+            leaves, _ = tree_flatten((call.args, call.kwargs))
+            if any(isinstance(t, Tensor) and is_functorch_wrapped_tensor(t) for t in leaves):
+                raise FallbackRequired(
+                    f"module '{call.name}' was called inside a torch.func transform"
+                )
+        leaves = [(c, index, y, c.name) for c in calls for index, y in enumerate(c.out_leaves)]
+        if not leaves:
+            return []
+
+        def recording() -> int | None:
+            return recorder.pass_index if recorder.armed else None
+
+        try:
+            records, handles = watch_consumers(
+                rows, leaves, layout.samples, layout.outputs, recording
+            )
+        except FallbackRequired:
+            raise
+        except Exception as exc:  # an autograd graph the walk cannot read
+            raise FallbackRequired(
+                f"cannot follow a call broadcast over the batch ({exc})"
+            ) from exc
+        recorder._tensor_handles.extend(handles)
+        return records
 
     def _backward(self, rows: Tensor, params: list[Tensor], weights: Tensor) -> list[Tensor]:
         grads = torch.autograd.grad(
@@ -474,13 +552,20 @@ class FactoredBackend(Backend):
         bias = "bias" if "bias" in covers else None
         if first.kind in ("linear", "conv"):
             parts = [
-                linear_factors(c.args[0], layout, gp, o)
+                linear_factors(c.input(), layout, gp, o)
                 if first.kind == "linear"
-                else conv_factors(module, c.args[0], layout, gp, o)
+                else conv_factors(module, c.input(), layout, gp, o)
                 for c, gp, o in zip(calls, passes, outs, strict=True)
             ]
             a = torch.cat([p[0] for p in parts], dim=1)
             g = torch.cat([p[1] for p in parts], dim=1)
+            if first.out_rows is not None:  # mask="rows": the chosen output rows only
+                g = g[..., first.out_rows.to(g.device)]
+            if bias is not None and any(c.bias_mask is not None for c in calls):
+                mask = torch.cat(
+                    [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
+                ).to(a.device)
+                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
             return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
@@ -516,11 +601,12 @@ class FactoredBackend(Backend):
         weights: Tensor,
         what: str,
         generator: torch.Generator,
+        precision: torch.dtype,
     ) -> None:
         """Factors' ``J^T w`` against autograd's, per parameter; FallbackRequired on mismatch."""
         for p, ref in zip(params, autograd_grads, strict=True):
             contribs = contributions.get(id(p), [])
-            tol = dtype_tolerance(p.dtype, weights.numel() * 64)
+            tol = dtype_tolerance(_least_precise(p.dtype, precision), weights.numel() * 64)
             if not contribs:
                 if bool(ref.any()):
                     raise FallbackRequired(
@@ -575,17 +661,32 @@ class FactoredBackend(Backend):
             raise FallbackRequired(known)
         names = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
         try:
+            broadcast = self._watch_broadcast(rows, recorder, layout)
             ones_grads = self._capture_backward(rows, params, recorder, layout)
+            _to_samples(broadcast, layout.samples)
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
             ones = torch.ones(layout.rows, dtype=_F64, device=rows.device)
-            self._check(contributions, params, names, ones_grads, ones, "J^T 1", generator)
+            # the guard's tolerance: the least precise dtype the layers computed in
+            precision = _least_precise(
+                rows.dtype, *(c.autocast for c in recorder.calls if c.autocast is not None)
+            )
+            self._check(
+                contributions, params, names, ones_grads, ones, "J^T 1", generator, precision
+            )
             if known == "new" or self.verify == "always":
                 self.probes += 1
                 v = torch.randn(layout.rows, generator=generator, dtype=_F64).to(rows.device)
                 probe_grads = self._backward(rows, params, v.to(rows.dtype))
                 self._check(
-                    contributions, params, names, probe_grads, v, "random probe J^T v", generator
+                    contributions,
+                    params,
+                    names,
+                    probe_grads,
+                    v,
+                    "random probe J^T v",
+                    generator,
+                    precision,
                 )
         except FallbackRequired as why:
             self._verified[signature] = why.reason
@@ -599,28 +700,31 @@ class FactoredBackend(Backend):
         params: list[Tensor],
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
-    ) -> tuple[Tensor, list[Tensor]]:
-        """K (R, R) float64 and the materialised per-row gradients of shared parameters."""
-        gram = torch.zeros(layout.rows, layout.rows, dtype=_F64, device=rows.device)
-        by_term: dict[int, tuple[Term, list[str]]] = {}
-        shared: list[list[tuple[Term, str, str]]] = []
+    ) -> tuple[Tensor, GramAssembly]:
+        """K (R, R) float64 and the assembly that formed it (for ``J^T c``)."""
+        assembly = GramAssembly.of(contributions, params)
+        gram = assembly.gram(layout.rows, rows.device)
+        check_finite(gram, "the Gram matrix of the residual rows")
+        return gram, assembly
+
+    def _jacobian(
+        self,
+        params: list[Tensor],
+        contributions: dict[int, list[tuple[Term, str, str]]],
+        layout: RowLayout,
+    ) -> Tensor:
+        """J (R, P) float64 assembled from the terms' per-row gradients."""
+        columns = []
         for p in params:
             contribs = contributions.get(id(p), [])
-            if len(contribs) == 1:
-                term, name, _ = contribs[0]
-                by_term.setdefault(id(term), (term, []))[1].append(name)
-            elif contribs:
-                shared.append(contribs)
-        for term, term_names in by_term.values():
-            gram += term.gram(term_names)
-        shared_rows = []
-        for contribs in shared:
+            if not contribs:
+                columns.append(torch.zeros(layout.rows, p.numel(), dtype=_F64, device=p.device))
+                continue
             per_row = sum(t.per_row([n])[n].to(_F64) for t, n, _ in contribs)
-            per_row = per_row.reshape(layout.rows, -1)
-            shared_rows.append(per_row)
-            gram += per_row @ per_row.mT
-        check_finite(gram, "the Gram matrix of the residual rows")
-        return gram, shared_rows
+            columns.append(per_row.reshape(layout.rows, -1))
+        jac = torch.cat(columns, dim=1)
+        check_finite(jac, "the Jacobian of the residual rows")
+        return jac
 
     def _solve(
         self,
@@ -630,21 +734,60 @@ class FactoredBackend(Backend):
         contributions: dict[int, list[tuple[Term, str, str]]],
         layout: RowLayout,
     ) -> Direction:
-        gram, shared_rows = self._gram(rows, params, contributions, layout)
-        rows64 = rows.detach().to(_F64)
-        coeffs, solution = gram_coefficients(gram, rows64, filt)
-        step: list[Tensor] = []
-        shared_iter = iter(shared_rows)
-        for p in params:
-            contribs = contributions.get(id(p), [])
-            if not contribs:
-                step.append(torch.zeros(p.shape, dtype=_F64, device=p.device))
-            elif len(contribs) == 1:
-                term, name, _ = contribs[0]
-                step.append(term.weighted([name], coeffs)[name].to(_F64).reshape(p.shape))
-            else:
-                step.append((next(shared_iter).mT @ coeffs).reshape(p.shape))
+        if sum(p.numel() for p in params) < layout.rows:
+            # Fewer parameters than rows (small PINNs on many points): J itself is
+            # smaller than K; materialise it from the factors and solve as the
+            # generic backend does (SVD of J or eigh of J^T J, by shape).
+            jac = self._jacobian(params, contributions, layout)
+            flat, solution = jacobian_step(jac, rows.detach().to(_F64), filt)
+            return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
+        gram, assembly = self._gram(rows, params, contributions, layout)
+        coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
+        step = assembly.transpose_product(params, coeffs)
         return Direction(step, solution, row_change=gram @ coeffs)
+
+
+def _bias_positions(call: Call, positions: int) -> Tensor:
+    """(positions,) 1/0: where a Linear call's bias enters, over its row-batched positions.
+
+    A call marked with a channel mask (C,) on input (S, C, d_in) repeats the mask
+    for each of the row's samples; an unmarked call has its bias everywhere.
+    """
+    if call.bias_mask is None:
+        return torch.ones(positions, dtype=torch.float64)
+    x = call.args[0]
+    channels = len(call.bias_mask)
+    if x.dim() != 3 or x.shape[1] != channels or positions % channels:
+        raise TermError(
+            f"marked with a bias mask over {channels} channels but called on input of "
+            f"shape {tuple(x.shape)} (expected (samples, {channels}, features))"
+        )
+    return torch.tensor(call.bias_mask, dtype=torch.float64).repeat(positions // channels)
+
+
+def _least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype with the largest machine epsilon among ``dtypes``."""
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def _to_samples(records: list[BroadcastLeaf], samples: int) -> None:
+    """Rewrite broadcast calls as batched calls: expanded input, per-sample output gradients.
+
+    Layer rules get ``x`` expanded to the S samples and gradients (S, *per-sample
+    shape); torch.func calls keep their arguments and get gradients (S, *y.shape).
+    """
+    for record in records:
+        call = record.call
+        y = call.out_leaves[record.index]
+        if call.kind == "generic":
+            call.grads[record.index] = [
+                None if g is None else g.reshape(samples, *y.shape) for g in record.grads
+            ]
+            call.out_leaves[record.index] = y.unsqueeze(0).expand(samples, *y.shape)
+        else:
+            call.args = per_sample_call(call.kind, call.args, record, samples)
+            call.grads[record.index] = list(record.grads)
+            call.out_leaves[record.index] = sample_like(record, y, samples)
 
 
 def _is_rms(module: nn.Module) -> bool:

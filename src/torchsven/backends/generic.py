@@ -117,6 +117,7 @@ class GenericBackend(Backend):
     """
 
     name = "generic"
+    provides_matfree = True
 
     def __init__(
         self, solver: str = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES, mode: str = "batched"

@@ -1,4 +1,4 @@
-"""Per-layer factors of the factored Gram backend (DESIGN.md section 3).
+"""Per-layer factors of the factored Gram backend (docs/design.md, "Backends").
 
 A *layer term* turns what hooks saw during one module's call(s) (inputs ``x``
 and output gradients ``g`` of the backward of ``sum(rows)``) into
@@ -26,13 +26,22 @@ over T positions; the per-row weight gradient of group ``q`` is
 * materialised form: ``W_r = G_r^T A_r``, ``K = W W^T``, cost ~ R T dk do + R^2 dk do;
 
 the cheaper is chosen per layer and per step.
+
+A Linear called on *channels* (input (S, C, d_in)) whose bias enters only some
+of the C channels (forward-Laplacian jets, :mod:`torchsven.jets`: value,
+derivatives, second-order channels; the bias is on the value channel only) is
+marked by :func:`bias_on_channels` around the call; its term is
+:class:`ChannelBiasLinearTerm`, whose per-row bias gradient is
+``sum_t m_t G[r, t]`` over the marked positions only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -42,12 +51,15 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 __all__ = [
+    "ChannelBiasLinearTerm",
     "EmbeddingTerm",
     "GenericTerm",
     "LinearLikeTerm",
     "NormTerm",
     "RowLayout",
     "TermError",
+    "bias_on_channels",
+    "channel_bias_mask",
 ]
 
 _F64 = torch.float64
@@ -173,7 +185,9 @@ class LinearLikeTerm(Term):
         bias_name: str | None,
         ghost: str | bool = "auto",
     ) -> None:
-        self.a, self.g = a, g
+        # autocast: the input may be float32 while the output gradient is bfloat16
+        dtype = torch.promote_types(a.dtype, g.dtype)
+        self.a, self.g = a.to(dtype), g.to(dtype)
         self.params = params
         self.weight_name, self.bias_name = weight_name, bias_name
         rows, positions, groups, dk = a.shape
@@ -184,6 +198,10 @@ class LinearLikeTerm(Term):
             ghost = positions == 1 or ghost_cost <= mat_cost
         self.ghost = bool(ghost)
         self._materialised: Tensor | None = None
+
+    def bias_rows(self) -> Tensor:
+        """Per-row bias gradients (R, q do): ``sum_t G[r, t]`` in the factors' dtype."""
+        return self.g.sum(dim=1).reshape(self.g.shape[0], -1)
 
     def _weight_rows(self) -> Tensor:
         """Per-row weight gradients (R, q, do, dk) in the factors' dtype."""
@@ -261,6 +279,12 @@ class LinearLikeTerm(Term):
         return out
 
     def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
+        if name == self.bias_name:
+            # bound over positions before their sum: a bias whose gradient cancels over
+            # positions (a key bias under softmax) is rounding noise of this scale
+            value = self.weighted([name], w)[name].to(_F64).reshape(-1)
+            norms = self.g.to(_F64).norm(dim=-1).sum(dim=(1, 2))
+            return Sketch(value, float((w.abs() * norms).sum()))
         if name != self.weight_name or probe is None:
             return super().sketch(name, w, probe)
         rows, _, groups, dk = self.a.shape
@@ -288,6 +312,97 @@ class LinearLikeTerm(Term):
         if name == self.weight_name:
             return (self.a.shape[2] * self.a.shape[3],)
         return None
+
+
+#: The channel mask of the Linear call running now (None outside bias_on_channels).
+_CHANNEL_BIAS: ContextVar[tuple[bool, ...] | None] = ContextVar(
+    "torchsven_channel_bias", default=None
+)
+
+
+@contextlib.contextmanager
+def bias_on_channels(mask: Sequence[bool]) -> Iterator[None]:
+    """Mark the Linear calls inside: input (S, C, d_in), bias only where ``mask`` (C,).
+
+    The caller guarantees what it marks: the bias reaches channel c of every
+    sample only where ``mask[c]``, added inside the call or straight onto its
+    output (e.g. the call without its bias, then ``out[:, 0] + bias``): either
+    way the per-row bias gradient is ``sum_c mask[c] g[:, c]`` with ``g`` the
+    gradient at the call's output. The factored backend's guard still checks
+    the result against autograd.
+    """
+    token = _CHANNEL_BIAS.set(tuple(bool(m) for m in mask))
+    try:
+        yield
+    finally:
+        _CHANNEL_BIAS.reset(token)
+
+
+def channel_bias_mask() -> tuple[bool, ...] | None:
+    """The mask set by the innermost :func:`bias_on_channels`, or None."""
+    return _CHANNEL_BIAS.get()
+
+
+class ChannelBiasLinearTerm(LinearLikeTerm):
+    """A Linear over positions whose bias enters only the positions where ``bias_mask``.
+
+    ``bias_mask`` (T,) float over the term's T positions (all calls, all the
+    row's samples): the per-row bias gradient is ``sum_t m_t G[r, t]``; the
+    weight part is that of :class:`LinearLikeTerm`.
+    """
+
+    def __init__(
+        self,
+        a: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        weight_name: str | None,
+        bias_name: str | None,
+        bias_mask: Tensor,
+        ghost: str | bool = "auto",
+    ) -> None:
+        if ghost == "auto":
+            # Jets have a few positions (C = 1 + d + q) and narrow layers: the ghost
+            # einsum over (t, s) pairs measured ~5x slower per flop than the one GEMM
+            # of the materialised form (R=540, C=4, 32x32: 330 vs 56 ms), so the
+            # ghost form must be 4x cheaper in flops to be chosen here.
+            rows, positions, groups, dk = a.shape
+            do = g.shape[-1]
+            ghost_cost = rows * rows * positions * positions * groups * (dk + do)
+            mat_cost = rows * positions * groups * dk * do + rows * rows * groups * dk * do
+            ghost = 4 * ghost_cost <= mat_cost
+        super().__init__(a, g, params, weight_name, bias_name, ghost)
+        if bias_mask.shape != (a.shape[1],):
+            raise TermError(
+                f"bias mask of {tuple(bias_mask.shape)} positions for {a.shape[1]} positions"
+            )
+        self.bias_mask = bias_mask.to(g.dtype)
+
+    def bias_rows(self) -> Tensor:
+        """Per-row bias gradients (R, q do) over the marked positions only."""
+        return torch.einsum("rtqo,t->rqo", self.g, self.bias_mask).reshape(self.g.shape[0], -1)
+
+    def _split(self, names: Sequence[str]) -> tuple[list[str], bool]:
+        return [n for n in names if n != self.bias_name], self.bias_name in names
+
+    def gram(self, names: Sequence[str]) -> Tensor:
+        rest, with_bias = self._split(names)
+        out = super().gram(rest)
+        return out + _gram(self.bias_rows()) if with_bias else out
+
+    def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
+        rest, with_bias = self._split(names)
+        out = super().per_row(rest)
+        if with_bias:
+            out[self.bias_name] = self.bias_rows()
+        return out
+
+    def weighted(self, names: Sequence[str], w: Tensor) -> dict[str, Tensor]:
+        rest, with_bias = self._split(names)
+        out = super().weighted(rest, w)
+        if with_bias:
+            out[self.bias_name] = w.to(self.g.dtype) @ self.bias_rows()
+        return out
 
 
 def linear_factors(
@@ -547,8 +662,9 @@ def _vmap_rows(
     batched = [
         isinstance(t, Tensor) and t.dim() >= 1 and t.shape[0] == layout.samples for t in leaves
     ]
-    if not any(batched):
-        raise TermError("no input has the batch (rows') size in dim 0")
+    # No batched input: a call broadcast over the batch, whose output gradients the
+    # backend read per sample (S, *y.shape) from the output's consumers (broadcast.py).
+    broadcast = not any(batched)
     in_leaves = [
         layout.to_rows(t.detach()) if b else (t.detach() if isinstance(t, Tensor) else t)
         for t, b in zip(leaves, batched, strict=True)
@@ -558,6 +674,10 @@ def _vmap_rows(
     t_dims = [0 if batched[i] else None for i in tensor_slots]
     used = [k for k, gp in enumerate(g_passes) if any(g is not None for g in gp)]
     gs = [layout.grads_to_rows(g_passes[k], out_leaves[k]) for k in used]
+    if broadcast:
+        if any(g.shape[2:] != out_leaves[k].shape[1:] for k, g in zip(used, gs, strict=True)):
+            raise TermError("no input has the batch (rows') size in dim 0")
+        gs = [g.sum(dim=1) for g in gs]  # the row's samples share the one output
     n_out = len(out_leaves)
     pvals = {n: params[n].detach() for n in names}
 
@@ -599,7 +719,7 @@ def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
 
 
 # --------------------------------------------------------------------------- block products
-# The matrix-free rank-k path (:mod:`torchsven.matfree`, DESIGN.md section 13) needs
+# The matrix-free rank-k path (:mod:`torchsven.matfree`, docs/design.md "Rank-k steps") needs
 # ``J_l^T V`` (V (R, b)) and ``J_l Z`` (Z (b, *shape) per parameter) of each term,
 # computed from its factors in row chunks, never the per-row gradients of a Linear,
 # Conv or Embedding layer. Terms without a factor rule here use their per-row
@@ -697,7 +817,7 @@ def _linear_jt(term: LinearLikeTerm, names: Sequence[str], v: Tensor) -> dict[st
                     acc[j, q].addmm_(gv.mT, ac)
         out[term.weight_name] = acc.reshape(b, *term.params[term.weight_name].shape)
     if term.bias_name in names:
-        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        gsum = term.bias_rows()  # (R, q do)
         out[term.bias_name] = v.mT @ gsum
     return out
 
@@ -725,7 +845,7 @@ def _linear_j(term: LinearLikeTerm, names: Sequence[str], z: dict[str, Tensor]) 
             out[sl] = part.to(_F64)
     if term.bias_name in names:
         zb = z[term.bias_name]
-        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        gsum = term.bias_rows()  # (R, q do)
         part = (gsum @ zb.reshape(zb.shape[0], -1).to(g.dtype).mT).to(_F64)
         out = part if out is None else out + part
     return out
@@ -754,7 +874,7 @@ def _linear_sketch(
             out[sl] = part.to(_F64)
     if term.bias_name in names:
         zb = _gaussian((columns, groups * do), generator, g)
-        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        gsum = term.bias_rows()  # (R, q do)
         part = (gsum @ zb.mT).to(_F64)
         out = part if out is None else out + part
     return out

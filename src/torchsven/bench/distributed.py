@@ -49,7 +49,7 @@ def mlp_layers(d_in: int, width: int, depth: int, d_out: int) -> list[tuple[int,
 def factored_bytes(
     n_rows: int, layers: list[tuple[int, int]], n_params: int, itemsize: int = 4
 ) -> dict[str, int]:
-    """Bytes per step of the factored data-parallel path (DESIGN.md section 7).
+    """Bytes per step of the factored data-parallel path (docs/design.md, "Distributed").
 
     Gathered (float64): the residual and, per Linear, the input x (d_in) and
     output gradient g (d_out) of every row; broadcast (float64): c, the rows
