@@ -31,9 +31,9 @@ def main() -> None:
     sampler = BoxSampler(2, 800, 120, seed=args.seed, dtype=torch.float64)
     interior, boundary = sampler.sample(0)
     # Levenberg-Marquardt-style adaptive damping; no rank cut (rtol defaults to 0 with it).
-    # backend="generic": PINN rows go there anyway (auto would try the factored backend,
-    # warn once and fall back).
-    opt = torchsven.Sven(model, damping="adaptive", backend="generic")
+    # problem.rows builds the rows from one forward-Laplacian jet over all points
+    # (torchsven.pinn.forward_laplacian), so the factored backend computes the step.
+    opt = torchsven.Sven(model, damping="adaptive", backend="factored")
 
     start = time.perf_counter()
     for step in range(1, args.steps + 1):

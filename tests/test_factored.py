@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -206,6 +207,97 @@ def test_guard_falls_back_and_equals_generic(name):
     assert torch.equal(flat(twin.parameters()), start)
     torchsven.Sven(twin, backend="generic").step(twin_closure)
     assert rel_err(got, flat(twin.parameters()) - start) <= TOL
+
+
+class GatedSneaky(nn.Module):
+    """Uses its Linear's weight outside the call too, through a gate (a buffer) that the
+    test sets: with the gate at 0 that path is idle, so the first (full) check passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 1)
+        self.register_buffer("gate", torch.zeros(()))
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.fc(x)) + self.gate * (x @ self.fc.weight.T))
+
+
+def _count_backward_inputs(backend: FactoredBackend) -> list[int]:
+    seen: list[int] = []
+    original = backend._backward
+
+    def counting(rows, params, weights):
+        seen.append(len(params))
+        return original(rows, params, weights)
+
+    backend._backward = counting
+    return seen
+
+
+def test_verified_structure_skips_weight_gradients_and_stays_exact():
+    case = mlp(n=7, d_in=3, width=5, d_out=1)
+    opt = torchsven.Sven(case.model, backend="factored")
+    opt.step(case.residuals)  # builds the backend (first step: full check)
+    backend = opt.backend
+    seen = _count_backward_inputs(backend)
+    params = list(case.model.parameters())
+    for _ in range(3):
+        start = flat(params)
+        jac, rows = dense_jacobian(case.residuals, params)
+        opt.step(case.residuals)
+        assert opt.last_step.backend == "factored"
+        step, _, _ = reference_step(jac, rows)
+        assert rel_err(start - flat(params), step) <= TOL
+    n_biased_weights = 3  # every Linear of the MLP has a bias: its weight is not asked for
+    assert seen == [len(params) - n_biased_weights] * 3
+    assert backend.probes == 1 and backend.lean_steps == 3
+
+
+def test_idle_outside_path_is_caught_when_it_starts_to_contribute():
+    torch.manual_seed(0)
+    model = GatedSneaky().double()
+    x, y = torch.randn(7, 3, dtype=torch.float64), torch.randn(7, 1, dtype=torch.float64)
+    opt = torchsven.Sven(model, backend="factored")
+    opt.step(lambda: model(x) - y)  # gate 0: exact, verified
+    assert opt.last_step.backend == "factored"
+    model.gate.fill_(0.5)  # same graph, the weight's second use now contributes
+    twin = copy.deepcopy(model)
+    start = flat(model.parameters())
+    with pytest.warns(SvenFallbackWarning, match="do not reproduce"):
+        opt.step(lambda: model(x) - y)
+    assert opt.last_step.backend == "generic"
+    torchsven.Sven(twin, backend="generic").step(lambda: twin(x) - y)
+    got, want = flat(model.parameters()) - start, flat(twin.parameters()) - start
+    assert rel_err(got, want) <= TOL
+
+
+def test_pde_closure_after_plain_steps_is_a_new_structure():
+    model, closure, _ = _guard_setups()["pde-closure"]
+    x = torch.linspace(0, 1, 9, dtype=torch.float64).unsqueeze(1)
+    opt = torchsven.Sven(model, backend="factored")
+    for _ in range(2):  # plain rows of the same module calls: factored, verified
+        opt.step(lambda: model(x) - torch.sin(x))
+        assert opt.last_step.backend == "factored"
+    with pytest.warns(SvenFallbackWarning, match="do not reproduce"):
+        opt.step(closure)
+    assert opt.last_step.backend == "generic"
+
+
+def test_graph_fingerprint_tells_structures_apart():
+    from torchsven.backends.factored import graph_fingerprint
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(2, 1)
+    params = [*a.parameters(), *b.parameters()]
+    x = torch.randn(4, 3)
+    fp1, uses1 = graph_fingerprint(b(torch.tanh(a(x))).grad_fn, params)
+    fp2, _ = graph_fingerprint(b(torch.tanh(a(2 * x))).grad_fn, params)  # other values
+    fp3, _ = graph_fingerprint(b(torch.sigmoid(a(x))).grad_fn, params)  # other op
+    fp4, uses4 = graph_fingerprint(b(torch.tanh(a(x)) + x[:, :2] @ a.weight[:, :2]).grad_fn, params)
+    assert fp1 == fp2 and fp1 != fp3 and fp1 != fp4
+    assert uses1 == (1, 1, 1, 1) and uses4[0] == 2
+    assert graph_fingerprint(None, params) == ((), (0, 0, 0, 0))
 
 
 def test_fallback_warns_once_and_is_remembered():

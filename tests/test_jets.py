@@ -417,3 +417,17 @@ def test_matrix_free_step_on_jet_rows_equals_the_exact_step() -> None:
     assert opt.last_step.backend == "factored" and opt.last_step.solver == "matfree"
     assert opt.last_step.kept == kept
     assert rel_err(before - flat(params), expected) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["poisson-2d", "poisson-5d", "heat-1d"])
+def test_bench_pde_tasks_run_on_the_factored_backend(name: str) -> None:
+    from torchsven.bench.tasks import get_task
+
+    task = get_task(name, "tiny")
+    data = task.make_data(0)
+    model = task.make_model(0)
+    opt = torchsven.Sven(model, damping="adaptive")  # backend="auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SvenFallbackWarning)
+        opt.step(lambda: task.residuals(model, data.train))
+    assert opt.last_step.backend == "factored"

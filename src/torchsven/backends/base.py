@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -126,20 +127,35 @@ class Backend(abc.ABC):
         raise NotImplementedError(f"the {self.name} backend has no matrix-free rank-k step")
 
 
+def all_finite(tensor: Tensor | Sequence[Tensor]) -> bool:
+    """Whether every entry of ``tensor`` (or of several) is finite; one host sync.
+
+    The sum of the entries is NaN or +-Inf whenever one entry is (NaN propagates;
+    Inf plus -Inf is NaN), so a finite sum proves every entry finite without the
+    temporaries of ``isfinite``; only a non-finite sum (a non-finite entry, or
+    finite entries whose sum overflows) is settled entry by entry.
+    """
+    tensors = [tensor] if isinstance(tensor, Tensor) else list(tensor)
+    tensors = [t for t in tensors if t.numel() and t.is_floating_point()]
+    if not tensors:
+        return True
+    if len(tensors) == 1:
+        total = tensors[0].sum()
+    else:
+        total = torch.stack([t.sum().to(torch.float64) for t in tensors]).sum()
+    if math.isfinite(float(total)):
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 def check_finite(tensor: Tensor | Sequence[Tensor], what: str) -> None:
     """Raise NonFiniteError when ``tensor`` (or any of several) holds NaN or Inf.
 
-    One host sync however many tensors are checked.
+    One host sync however many tensors are checked (:func:`all_finite`).
     """
     from ..errors import NonFiniteError
 
-    if isinstance(tensor, Tensor):
-        finite = torch.isfinite(tensor).all()
-    elif not tensor:
-        return
-    else:
-        finite = torch.stack([torch.isfinite(t).all() for t in tensor]).all()
-    if not bool(finite):
+    if not all_finite(tensor):
         raise NonFiniteError(
             f"{what} contains NaN or Inf; the step was not taken and nothing was changed"
         )

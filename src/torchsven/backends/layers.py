@@ -120,12 +120,12 @@ def _gram(mat: Tensor) -> Tensor:
 class Sketch:
     """``J_p^T w`` projected on a random direction, with a scale for the tolerance.
 
-    ``value`` approximates ``proj(J_p^T w)``; ``bound`` bounds the sum of
-    absolute terms that made it (rounding-error scale).
+    ``value`` approximates ``proj(J_p^T w)``; ``bound`` (0-dim float64 tensor)
+    bounds the sum of absolute terms that made it (rounding-error scale).
     """
 
     value: Tensor
-    bound: float
+    bound: Tensor
 
 
 class Term:
@@ -154,7 +154,7 @@ class Term:
         """``J_p^T w`` projected on ``probe`` (see ``probe_shape``); default: not projected."""
         full = self.weighted([name], w)[name].to(_F64)
         per_row = self.per_row([name])[name].to(_F64)
-        bound = float((w.abs() * per_row.reshape(per_row.shape[0], -1).norm(dim=1)).sum())
+        bound = (w.abs() * per_row.reshape(per_row.shape[0], -1).norm(dim=1)).sum()
         return Sketch(full.reshape(-1), bound)
 
     def probe_shape(self, name: str) -> tuple[int, ...] | None:
@@ -291,13 +291,11 @@ class LinearLikeTerm(Term):
         u = probe.reshape(groups, dk).to(self.a.dtype)
         au = torch.einsum("rtqk,qk->rtq", self.a, u)  # (R, T, q)
         value = torch.einsum("r,rtqo,rtq->qo", w.to(self.g.dtype), self.g, au)
-        bound = float(
-            (
-                w.abs()
-                * self.g.reshape(rows, -1).to(_F64).norm(dim=1)
-                * au.reshape(rows, -1).to(_F64).norm(dim=1)
-            ).sum()
-        )
+        bound = (
+            w.abs()
+            * self.g.reshape(rows, -1).norm(dim=1).to(_F64)
+            * au.reshape(rows, -1).norm(dim=1).to(_F64)
+        ).sum()
         return Sketch(value.to(_F64).reshape(-1), bound)
 
     def project(self, name: str, autograd_grad: Tensor, probe: Tensor | None) -> Tensor:
@@ -538,7 +536,7 @@ class EmbeddingTerm(Term):
     def sketch(self, name: str, w: Tensor, probe: Tensor | None) -> Sketch:
         value = self.weighted([name], w)[name].to(_F64).reshape(-1)
         norms = self.g.to(_F64).norm(dim=-1).sum(dim=1)
-        return Sketch(value, float((w.abs() * norms).sum()))
+        return Sketch(value, (w.abs() * norms).sum())
 
 
 def embedding_factors(
