@@ -216,9 +216,8 @@ def _lm(batch: int, seq: int, timed: int, method: str) -> dict:
 
 def _spawn(*args: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS))
-    proc = subprocess.run(
-        [sys.executable, __file__, "--one", *args], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, __file__, "--threads", str(THREADS), "--one", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -237,7 +236,16 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/matfree_scaling")
     parser.add_argument("--one", nargs="+")
     parser.add_argument("--exact-max", type=int, default=8192)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads per process (1 gives stable ratios on a loaded machine: "
+        "OpenMP threads spin-wait when the cores are oversubscribed)",
+    )
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     torch.set_num_threads(THREADS)
     if args.one:
         kind = args.one[0]
