@@ -73,6 +73,8 @@ _F64 = torch.float64
 #: A parameter block: one tensor (b, *shape) per parameter.
 ParamBlock = list[Tensor]
 Reduce = Callable[[Tensor], Tensor]
+#: Elements of one float64 slice in :func:`block_inner`.
+_SLICE_ELEMS = 1 << 20
 
 
 class JacobianOperator(Protocol):
@@ -94,21 +96,29 @@ class JacobianOperator(Protocol):
 
 
 def block_inner(z: ParamBlock) -> Tensor:
-    """``Z Z^T`` (b, b) float64 of a parameter block (summed over parameters)."""
+    """``Z Z^T`` (b, b) float64 of a parameter block (summed over parameters).
+
+    Accumulated in float64 over column slices of each parameter (bounded copies).
+    """
     out: Tensor | None = None
     for t in z:
-        flat = t.reshape(t.shape[0], -1).to(_F64)
-        g = flat @ flat.mT
-        out = g if out is None else out + g
+        flat = t.reshape(t.shape[0], -1)
+        step = max(1, _SLICE_ELEMS // max(1, flat.shape[0]))
+        for start in range(0, flat.shape[1], step):
+            part = flat[:, start : start + step].to(_F64)
+            g = part @ part.mT
+            out = g if out is None else out + g
     if out is None:
         raise ValueError("block_inner needs at least one parameter")
     return out
 
 
 def block_combine(z: ParamBlock, coeffs: Tensor) -> list[Tensor]:
-    """``sum_j coeffs_j Z_j`` per parameter (shape of one column), float64; coeffs (b,)."""
-    c = coeffs.to(_F64)
-    return [torch.tensordot(c, t.to(_F64), dims=1) for t in z]
+    """``sum_j coeffs_j Z_j`` per parameter (shape of one column), float64; coeffs (b,).
+
+    Summed in the block's dtype (as the exact factored update ``J^T c`` is), then float64.
+    """
+    return [torch.tensordot(coeffs.to(t.dtype), t, dims=1).to(_F64) for t in z]
 
 
 def gram_product(op: JacobianOperator, v: Tensor) -> Tensor:
@@ -182,13 +192,15 @@ def range_finder(
     wide = max(columns, min(op.rows, round(columns * sketch_factor)))
     y = op.sketch(wide + probes, generator).to(_F64)
     y, probe = y[:, :wide], y[:, wide:]
-    q = orthonormalize(y, reduce)
-    if wide > columns:  # the top-l left singular vectors of the wide sketch
-        core = q.mT @ y
+    if wide > columns:  # the top-l left singular vectors of the wide sketch, without
+        # an (N, f l) basis: the top-l eigenvectors V of Y^T Y, then Q = orth(Y V)
+        core = y.mT @ y
         if reduce is not None:
             core = reduce(core)
-        u, _, _ = torch.linalg.svd(core, full_matrices=False)
-        q = q @ u[:, :columns]
+        _, vecs = torch.linalg.eigh(0.5 * (core + core.mT))
+        y = y @ vecs[:, -columns:]
+    q = orthonormalize(y, reduce)
+    del y
     products = 1
     for _ in range(power_iters):
         q = orthonormalize(gram_product(op, q), reduce)
