@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -323,3 +327,25 @@ def test_bad_functions_and_starts() -> None:
 
     with pytest.raises(ValueError, match="shape must not change"):
         torchsven.least_squares(changing, _X0)
+
+
+# ------------------------------------------------------------------- README
+_DOC = (Path(__file__).resolve().parents[1] / "docs" / "readme" / "least_squares.md").read_text()
+
+
+def test_readme_section_example_runs(capsys) -> None:
+    code = _DOC.split("```python")[1].split("```")[0]
+    exec(compile(code, "least_squares.md", "exec"), {})
+    assert "termination condition" in capsys.readouterr().out
+
+
+def test_readme_section_documents_every_argument_and_field() -> None:
+    cells = set(re.findall(r"^\|\s*`([A-Za-z_0-9]+)`(?:, `([A-Za-z_0-9]+)`)*", _DOC, flags=re.M))
+    documented = {name for row in cells for name in row if name}
+    documented |= set(re.findall(r"`([a-z_]+)`", " ".join(
+        line.split("|")[1] for line in _DOC.splitlines() if line.startswith("| `")
+    )))  # fmt: skip
+    arguments = list(inspect.signature(torchsven.least_squares).parameters)
+    fields = [f.name for f in dataclasses.fields(torchsven.LeastSquaresResult)]
+    missing = [name for name in arguments + fields if name not in documented]
+    assert not missing, f"docs/readme/least_squares.md misses: {missing}"

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["factored", "bench", "pinn", "robust", "options", "distributed"]
+ORDER = ["factored", "bench", "pinn", "robust", "least_squares", "options", "distributed"]
 START, END = "<!-- sections:start -->", "<!-- sections:end -->"
 
 

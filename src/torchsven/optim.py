@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .backends import make_backend
 from .backends.generic import DEFAULT_CHUNK_BYTES, GenericBackend
+from .clients import check_closure
 from .config import (
     CORE_OPTIONS,
     GLOBAL_OPTIONS,
@@ -339,6 +340,7 @@ class Sven(torch.optim.Optimizer):
         norms reported in ``last_step.extras["groups"]``.
         """
         if closure is None or not callable(closure):
+            check_closure(closure)  # transformers.Trainer's closure-less step: say what to do
             raise TypeError(
                 "Sven.step needs a closure that returns residual rows, e.g. "
                 "opt.step(lambda: model(x) - y); Sven solves for every row at once, so "

@@ -73,6 +73,7 @@ from .layers import (
     linear_factors,
     normalized_input,
 )
+from .transposed import TransposedLinearTerm, is_transposed_linear
 
 __all__ = ["VERIFY_MODES", "FactoredBackend"]
 
@@ -108,6 +109,8 @@ def _kind(module: nn.Module) -> str:
         return "embedding"
     if t in _NORMS:
         return "norm"
+    if is_transposed_linear(module):
+        return "linear_t"
     return "generic"
 
 
@@ -279,9 +282,19 @@ class Recorder:
 
     # --------------------------------------------------------------- hooks
     def _pre(self, module: nn.Module, args: Any) -> None:
+        if torch.compiler.is_compiling():
+            return
         self._stack.append(len(self.calls))
 
     def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if torch.compiler.is_compiling():  # traced by torch.compile: record nothing
+            if not self.errors:
+                self.errors.append(
+                    f"module '{self._names.get(id(module))}' ran inside torch.compile-d code, "
+                    "where the factored backend's hooks cannot record; call the uncompiled "
+                    "model in the closure for the factored backend"
+                )
+            return
         try:
             start = self._stack.pop() if self._stack else len(self.calls)
             if not self.active:
@@ -331,6 +344,37 @@ class Recorder:
                 )
 
         return hook
+
+
+def _compile_note(model: nn.Module, rows: Tensor) -> str:
+    """Why a fallback may come from torch.compile (empty when nothing shows it).
+
+    Looks for compiled submodules (``OptimizedModule``) and for compiled autograd
+    nodes (``CompiledFunctionBackward``) in the rows' graph; only on the fallback path.
+    """
+    for name, module in model.named_modules():
+        if _is_compiled(module):
+            return (
+                f"module '{name}' is torch.compile-d; use the uncompiled module in the model "
+                "for the factored backend"
+            )
+    seen: set[int] = set()
+    nodes: list[Any] = [] if rows.grad_fn is None else [rows.grad_fn]
+    keep: list[Any] = []
+    while nodes:
+        node = nodes.pop()
+        keep.append(node)
+        if node.name().startswith("CompiledFunction"):
+            return (
+                "the closure runs torch.compile-d code, whose layers the factored backend's "
+                "hooks cannot see; call the uncompiled model in the closure for the factored "
+                "backend"
+            )
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                nodes.append(nxt)
+    return ""
 
 
 def graph_fingerprint(root: Any, params: Sequence[Tensor]) -> tuple[tuple, tuple[int, ...]]:
@@ -551,7 +595,13 @@ class FactoredBackend(Backend):
         try:
             rows = rows.reshape(-1)
             params = list(params)
-            contributions, layout = self._factors(rows, params, captured, output)
+            try:
+                contributions, layout = self._factors(rows, params, captured, output)
+            except FallbackRequired as why:
+                note = _compile_note(self.model, rows)
+                if note and "torch.compile" not in why.reason:
+                    raise FallbackRequired(f"{why.reason}; {note}") from why
+                raise
             return use(rows, params, contributions, layout)
         finally:
             captured.release()
@@ -717,7 +767,9 @@ class FactoredBackend(Backend):
         module, covers = first.module, first.covers
         passes = [c.grads[0] if c.grads else [None] * layout.outputs for c in calls]
         outs = [c.out_leaves[0] if c.out_leaves else None for c in calls]
-        if first.kind in ("linear", "conv", "embedding", "norm") and any(o is None for o in outs):
+        if first.kind in ("linear", "linear_t", "conv", "embedding", "norm") and any(
+            o is None for o in outs
+        ):
             calls = [c for c, o in zip(calls, outs, strict=True) if o is not None]
             if not calls:
                 raise TermError("its outputs do not require grad")
@@ -725,6 +777,14 @@ class FactoredBackend(Backend):
             outs = [c.out_leaves[0] for c in calls]
         weight = "weight" if "weight" in covers else None
         bias = "bias" if "bias" in covers else None
+        if first.kind == "linear_t":
+            parts = [
+                linear_factors(c.args[0], layout, gp, o)
+                for c, gp, o in zip(calls, passes, outs, strict=True)
+            ]
+            a = torch.cat([p[0] for p in parts], dim=1)
+            g = torch.cat([p[1] for p in parts], dim=1)
+            return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost)
         if first.kind in ("linear", "conv"):
             parts = [
                 linear_factors(c.input(), layout, gp, o)

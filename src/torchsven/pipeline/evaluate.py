@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..backends.base import Backend, Direction, FallbackRequired, check_finite
 from ..backends.generic import GenericBackend, jacobian
+from ..clients import check_closure_output
 from ..masks import Selection, select
 from ..microbatch import group_rows
 from ..precondition import (
@@ -46,6 +47,7 @@ __all__ = [
 
 def residual_rows(out: Any) -> Tensor:
     """Validate what a closure returned and flatten it to rows (N,)."""
+    check_closure_output(out)  # Lightning's automatic-optimization closure: say how to switch
     if not isinstance(out, Tensor):
         raise TypeError(f"closure must return a tensor of residual rows, got {type(out).__name__}")
     if out.dim() == 0:
