@@ -59,6 +59,7 @@ from .solve import SpectralFilter, gram_floor
 __all__ = [
     "JacobianOperator",
     "RangeSketch",
+    "ReducedOperator",
     "RitzStep",
     "block_combine",
     "block_inner",
@@ -268,6 +269,36 @@ def ritz_step(
         s.cpu(),
         int(mask.sum()),
     )
+
+
+class ReducedOperator:
+    """A row-distributed J (each rank holds its rows' operator ``local``).
+
+    ``jt`` sums the local ``J_r^T V_r`` over ranks with ONE ``reduce`` of the
+    flattened parameter block; ``j`` and ``sketch`` are local (every rank must
+    draw the same test block: equal generator states). Pass the same
+    ``reduce`` to :func:`range_finder` and :func:`ritz_step`.
+    """
+
+    def __init__(self, local: JacobianOperator, reduce: Reduce) -> None:
+        self.local = local
+        self.reduce = reduce
+        self.rows = local.rows
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        return self.local.sketch(columns, generator)
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        parts = self.local.jt(v)
+        summed = self.reduce(torch.cat([t.reshape(-1) for t in parts]))
+        out, offset = [], 0
+        for t in parts:
+            out.append(summed[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return out
+
+    def j(self, z: ParamBlock) -> Tensor:
+        return self.local.j(z)
 
 
 def dense_operator(jac: Tensor) -> JacobianOperator:
