@@ -371,6 +371,7 @@ def test_problem_rows_by_jets_equal_the_natural_autograd_rows() -> None:
     model = heat.make_model(seed=2)
     pts = heat.sample(15, 4, 6, seed=3)
     assert rel_err(heat.rows(model, *pts), heat.rows_autograd(model, *pts)) <= TOL
+    assert rel_err(heat.rows(model, *pts), heat.rows_pointwise(model, *pts)) <= TOL
     assert torch.equal(pts[1][:, 1], torch.zeros(4, dtype=F64))
     assert set(pts[2][:, 0].tolist()) == {0.0, 1.0}
 
@@ -431,3 +432,26 @@ def test_bench_pde_tasks_run_on_the_factored_backend(name: str) -> None:
         warnings.simplefilter("error", SvenFallbackWarning)
         opt.step(lambda: task.residuals(model, data.train))
     assert opt.last_step.backend == "factored"
+
+
+def test_bench_gives_the_generic_backend_pointwise_rows() -> None:
+    from torchsven.bench.tasks import get_task
+
+    task = get_task("heat-1d", "tiny")
+    data = task.make_data(0)
+    model = task.make_model(0)
+    jet = task.sven_residuals(model, data.train, "auto")
+    pointwise = task.sven_residuals(model, data.train, "generic")
+    assert rel_err(pointwise, jet) <= TOL
+
+    def graph_names(t: Tensor) -> set[str]:
+        names, stack_ = set(), [t.grad_fn]
+        while stack_:
+            fn = stack_.pop()
+            if fn is not None and type(fn).__name__ not in names:
+                names.add(type(fn).__name__)
+                stack_ += [f for f, _ in fn.next_functions]
+        return names
+
+    assert "_JacobianRowsBackward" in graph_names(pointwise)
+    assert "_JacobianRowsBackward" not in graph_names(jet)

@@ -11,7 +11,7 @@ in one forward pass, for every point,
 
 (the Laplacian over some coordinates, the Hessian diagonal, or any constant
 matrix A), by carrying C = 1 + d + q *channels* per point through the model's
-own modules (docs/design.md, PDE residuals; "forward Laplacian"):
+own modules (docs/design.md, "PDE residuals: forward-Laplacian jets"):
 
 * Linear ``h -> W h + b``:  value ``W h + b``, derivative channels ``W J``,
   operator channels ``W L``: one call of the module on the (N, C, d_in)

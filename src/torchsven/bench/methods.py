@@ -138,7 +138,8 @@ class SvenStepper:
         }
 
     def step(self, batch: Batch) -> float:
-        rows = self.optimizer.step(lambda: self.task.residuals(self.model, batch))
+        backend = self.optimizer.options["backend"]
+        rows = self.optimizer.step(lambda: self.task.sven_residuals(self.model, batch, backend))
         self.steps += 1
         return 0.5 * float(rows.detach().square().sum()) / self.task.samples(batch)
 

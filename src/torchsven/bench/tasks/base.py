@@ -115,6 +115,13 @@ class Task:
         """Metrics of ``model`` on one split; must contain ``self.metric``."""
         raise NotImplementedError
 
+    def sven_residuals(self, model: nn.Module, batch: Batch, backend: str) -> Tensor:
+        """The rows Sven steps on with ``backend`` ("auto", "factored", "generic"); by
+        default :meth:`residuals`. A task may give each backend its fastest form of the
+        same rows (the PDE tasks: jets for the factored backend, per-point Jacobians
+        for the generic one)."""
+        return self.residuals(model, batch)
+
     # ---------------------------------------------------------------- defaults
     @property
     def num_epochs(self) -> int:

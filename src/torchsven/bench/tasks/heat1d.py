@@ -22,7 +22,7 @@ class Heat1D(PDETask):
     summary = "PINN u_t = u_xx/4 on [0,1]^2, MLP 2-32-32-1 tanh, 400+60+80 pts, float64"
     order = 62
     problem: ClassVar[HeatProblem] = heat_1d()
-    epochs: ClassVar[dict[str, int]] = {"full": 200, "quick": 50, "tiny": 2}
+    epochs: ClassVar[dict[str, int]] = {"full": 200, "quick": 20, "tiny": 2}
     points: ClassVar[dict[str, tuple[int, ...]]] = {
         "full": (400, 60, 80),
         "quick": (400, 60, 80),
