@@ -236,6 +236,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/matfree_scaling")
     parser.add_argument("--one", nargs="+")
     parser.add_argument("--exact-max", type=int, default=8192)
+    parser.add_argument("--q1-max", type=int, default=32768)
+    parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument(
         "--threads",
         type=int,
@@ -258,6 +260,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     sizes = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+    sizes = args.sizes or sizes
     results: dict = {"threads": THREADS, "rank": RANK, "rows": {}, "quality": {}, "lm": {}}
 
     def save() -> None:  # after every result: a partial run still leaves its numbers
@@ -276,7 +279,7 @@ def main() -> None:
 
     for n in sizes:
         for method in ("sgd", "matfree-q0", "matfree-q1"):
-            if method == "matfree-q1" and n > 32768:
+            if method == "matfree-q1" and n > args.q1_max:
                 continue
             run(n, method)
     for q in (0, 1, 2):

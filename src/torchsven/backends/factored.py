@@ -1121,15 +1121,16 @@ class FactoredJacobian:
                 self._shared.append((i, per_row.reshape(layout.rows, -1)))
 
     def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
-        device = self.params[0].device
-        out = torch.zeros(self.rows, columns, dtype=_F64, device=device)
+        p0 = self.params[0]
+        # the sketch only finds a basis: kept in the parameters' dtype (float32: half the memory)
+        out = torch.zeros(self.rows, columns, dtype=p0.dtype, device=p0.device)
         for term, names, _ in self._by_term.values():
             part = block_sketch(term, names, columns, generator)
             if part is not None:
                 out += part
         for _, per_row in self._shared:
             omega = torch.randn(per_row.shape[1], columns, generator=generator, dtype=_F64)
-            out += (per_row @ omega.to(per_row.device, per_row.dtype)).to(_F64)
+            out += per_row @ omega.to(per_row.device, per_row.dtype)
         return out
 
     def jt(self, v: Tensor) -> ParamBlock:
