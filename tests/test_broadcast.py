@@ -52,6 +52,7 @@ class Positional(nn.Module):
         self.proj = nn.Linear(D, D)
         self.table = PositionTable(T, D)
         self.bias = PositionTable(2, T, T)
+        self.relative = nn.Embedding(2 * T - 1, 2)
         self.qk = nn.Linear(D, 2 * D)
         self.norm = nn.LayerNorm(D)
         self.head = nn.Linear(D, 2)
@@ -73,6 +74,13 @@ class Positional(nn.Module):
             h = h + self.proj(self.pos.weight[None, : ids.shape[1]].detach() * 2)
         elif self.mode == "table":
             h = h + self.table(ids.shape[1])
+        elif self.mode == "permuted":  # T5-style relative bias: (T, T, H) -> (1, H, T, T)
+            offsets = positions[:, None] - positions[None, :] + ids.shape[1] - 1
+            table = self.relative(offsets).permute(2, 0, 1).unsqueeze(0)
+            causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()
+            scores = torch.einsum("btd,bsd->bts", h, h)[:, None].expand(-1, 2, -1, -1)
+            scores = torch.where(causal, scores + table, -1e4 - table)
+            h = h + torch.softmax(scores, dim=-1).mean(dim=1) @ h
         elif self.mode == "bias":
             q, k = self.qk(h).chunk(2, dim=-1)
             scores = (q.reshape(*q.shape[:2], 2, -1).transpose(1, 2)) @ (
@@ -85,7 +93,7 @@ class Positional(nn.Module):
         return self.head(torch.tanh(self.norm(h)).mean(dim=1))
 
 
-MODES = ["kept", "absent", "sub", "mul", "alpha", "linear", "table", "bias"]
+MODES = ["kept", "absent", "sub", "mul", "alpha", "linear", "table", "bias", "permuted"]
 
 
 def positional_case(mode: str, n: int = 6, seed: int = 0) -> Case:
@@ -179,7 +187,7 @@ def test_unsupported_consumer_falls_back_naming_module_and_op():
     backend = FactoredBackend(model)
     with backend.capture(params) as rec:
         out = model(ids)
-    with pytest.raises(FallbackRequired, match=r"module 'pos'.*used by Permute"):
+    with pytest.raises(FallbackRequired, match=r"module 'pos'.*used by MmBackward"):
         backend.gram_matrix(out.reshape(-1), params, rec, out)
 
 

@@ -15,14 +15,18 @@ with ``dc`` the gradient of ``sum(rows)`` (one backward pass) at ``c``:
 
     dy_s = sum_{broadcast dims of y} (dc[s] * dc/dy[s])     (S, *D)
 
-with ``dc/dy = a``, ``-a`` or ``u``. Summed over consumers, ``sum_s dy_s`` is
-autograd's gradient of ``y`` (the guard compares the parameters' sums). The
-call then counts as a batched call on its input expanded to the S samples
-(``x[None]`` or ``x`` with dim 0 of size 1 expanded), with outputs gradients
-``dy_s``: every layer rule (Linear, Embedding, LayerNorm, torch.func) applies
-unchanged.
+with ``dc/dy = a``, ``-a`` or ``u`` (or the mask of ``where(mask, u, y)``).
+Between ``y`` and that op there may be layout ops (permute, unsqueeze, view,
+expand, slice, ...: single-input, sample-independent, linear): their exact
+vjps (the autograd nodes themselves) map each sample's gradient back to ``y``;
+so do ``+``, ``-``, ``*`` and ``where`` with another shared (unbatched) tensor.
+Summed over consumers, ``sum_s dy_s`` is autograd's gradient of ``y`` (the
+guard compares the parameters' sums). The call then counts as a batched call
+on its input expanded to the S samples (``x[None]`` or ``x`` with dim 0 of
+size 1 expanded), with output gradients ``dy_s``: every layer rule (Linear,
+Embedding, LayerNorm, torch.func) applies unchanged.
 
-Other consumers (a matmul, a reshape, an op on two broadcast tensors) raise
+Other uses (a matmul, a nonlinearity before the batch) raise
 :class:`FallbackRequired` naming the module and the op.
 """
 
@@ -32,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten
@@ -41,7 +46,7 @@ from .base import FallbackRequired
 __all__ = ["BroadcastLeaf", "is_broadcast_call", "per_sample_call", "watch_consumers"]
 
 #: consumer ops whose derivative in the broadcast operand is known per sample
-CONSUMERS = ("AddBackward0", "SubBackward0", "MulBackward0", "MulBackward1")
+CONSUMERS = ("AddBackward0", "SubBackward0", "MulBackward0", "WhereBackward0")
 
 
 @dataclass
@@ -84,27 +89,101 @@ def _local_gradient(node: Any, slot: int, grad: Tensor) -> Tensor:
         return grad * (node._saved_other if slot == 0 else node._saved_self)
     if name == "MulBackward1":  # tensor * Python number
         return grad * node._saved_other
+    if name == "WhereBackward0":  # where(condition, self, other)
+        keep = node._saved_condition if slot == 0 else ~node._saved_condition
+        return grad * keep
     raise AssertionError(name)  # filtered by watch_consumers
 
 
-def _check_shapes(out: tuple[int, ...], leaf: BroadcastLeaf, samples: int, what: str) -> None:
-    """The consumer's output (S, ...) broadcasts y over dim 0, else FallbackRequired."""
-    pad = len(out) - len(leaf.shape)
-    if pad < 0 or not out or out[0] != samples or (pad == 0 and leaf.shape[0] != 1):
+def _check_shapes(out: tuple[int, ...], shape: tuple[int, ...], samples: int, what: str) -> None:
+    """The consumer's output (S, ...) broadcasts a tensor of ``shape`` over dim 0."""
+    pad = len(out) - len(shape)
+    if pad < 0 or not out or out[0] != samples or (pad == 0 and shape[0] != 1):
         raise FallbackRequired(
             f"{what} meets other tensors in an op with output shape {out}: neither batch-first "
             f"with the {samples} samples (dim 0 of the closure's output) nor broadcast over them"
         )
 
 
-def _reduce_to_samples(local: Tensor, leaf: BroadcastLeaf, samples: int, what: str) -> Tensor:
-    """Consumer-shaped (S, ...) local gradient -> per-sample gradients of y (S, *D)."""
-    _check_shapes(tuple(local.shape), leaf, samples, what)
-    pad = local.dim() - len(leaf.shape)
+def _reduce_to_samples(local: Tensor, shape: tuple[int, ...], samples: int, what: str) -> Tensor:
+    """Consumer-shaped (S, ...) local gradient -> per-sample gradients (S, *shape)."""
+    pad = local.dim() - len(shape)
     if pad == 0:
-        return local.sum_to_size((samples, *leaf.shape[1:]))
-    target = (samples,) + (1,) * (pad - 1) + leaf.shape
-    return local.sum_to_size(target).reshape(samples, *leaf.shape)
+        return local.sum_to_size((samples, *shape[1:])).reshape(samples, *shape)
+    target = (samples,) + (1,) * (pad - 1) + shape
+    return local.sum_to_size(target).reshape(samples, *shape)
+
+
+#: single-input ops that only move, select or scale entries: a broadcast output may pass
+#: through them before it meets the batch (T5's bias table is permuted, then unsqueezed)
+LAYOUT_OPS = (
+    "PermuteBackward0",
+    "UnsqueezeBackward0",
+    "SqueezeBackward0",
+    "SqueezeBackward1",
+    "SqueezeBackward2",
+    "ViewBackward0",
+    "UnsafeViewBackward0",
+    "ReshapeAliasBackward0",
+    "TransposeBackward0",
+    "TransposeBackward1",
+    "TBackward0",
+    "ExpandBackward0",
+    "SliceBackward0",
+    "SelectBackward0",
+    "CloneBackward0",
+    "ToCopyBackward0",
+    "AliasBackward0",
+    "NegBackward0",
+    "AddBackward1",
+    "SubBackward1",
+    "RsubBackward1",
+    "MulBackward1",
+    "DivBackward1",
+)
+_MAX_CHAIN = 8
+
+#: a consumer that meets the batch: (node, input slot, chain of layout ops (node, slot)
+#: from y to that input, shape of that input)
+_Use = tuple[Any, int, tuple[tuple[Any, int], ...], tuple[int, ...]]
+
+
+def _uses(
+    edge: tuple[int, int],
+    shape: tuple[int, ...],
+    consumers_of: dict[tuple[int, int], list[tuple[Any, int]]],
+    what: str,
+    samples: int,
+    chain: tuple[tuple[Any, int], ...] = (),
+) -> list[_Use]:
+    """The ops where a broadcast tensor (edge, shape) meets the batch, through layout ops."""
+    out: list[_Use] = []
+    for node, slot in consumers_of.get(edge, []):
+        name = node.name()
+        metadata = getattr(node, "_input_metadata", None)
+        result = tuple(metadata[0].shape) if metadata else None
+        if name in CONSUMERS and result is not None and _meets_batch(result, shape, samples):
+            out.append((node, slot, chain, shape))
+        elif (name in LAYOUT_OPS or name in CONSUMERS) and result is not None:
+            # still one tensor for all samples: follow it (its vjp is sample independent)
+            if len(chain) >= _MAX_CHAIN:
+                raise FallbackRequired(f"{what} passes through too many ops before the batch")
+            step = (*chain, (node, slot))
+            out += _uses((id(node), 0), result, consumers_of, what, samples, step)
+        else:
+            raise FallbackRequired(
+                f"{what} is not batch-first with the {samples} samples (dim 0 of the "
+                f"closure's output) and is used by {name}; a call broadcast over the "
+                "batch needs +, - or * with a batched tensor (or pass batch-first inputs, "
+                "e.g. position_ids of shape (batch, T))"
+            )
+    return out
+
+
+def _meets_batch(result: tuple[int, ...], shape: tuple[int, ...], samples: int) -> bool:
+    """An op's output ``result`` is batched while its input of ``shape`` broadcasts."""
+    pad = len(result) - len(shape)
+    return pad >= 0 and bool(result) and result[0] == samples and (pad > 0 or shape[0] == 1)
 
 
 def watch_consumers(
@@ -114,7 +193,7 @@ def watch_consumers(
     passes: int,
     recording: Callable[[], int | None],
 ) -> tuple[list[BroadcastLeaf], list[Any]]:
-    """Find the consumers of each broadcast output and hook them.
+    """Find where each broadcast output meets the batch and hook those ops.
 
     Args:
         rows: the residual rows (their autograd graph is walked once).
@@ -128,71 +207,70 @@ def watch_consumers(
         the per-leaf records (filled during the capture backward) and the hook
         handles (the caller removes them).
     """
-    targets: dict[tuple[int, int], BroadcastLeaf] = {}
-    keep: list[Any] = []  # keeps node wrappers alive so that their ids stay unique
-    records: list[BroadcastLeaf] = []
-    for call, index, y, _name in leaves:
-        edge = get_gradient_edge(y)
-        keep.append(edge.node)
-        kept = y.dim() >= 1 and y.shape[0] == 1
-        record = BroadcastLeaf(call, index, tuple(y.shape), kept, [None] * passes)
-        targets[(id(edge.node), edge.output_nr)] = record
-        records.append(record)
-    found: list[tuple[Any, int, BroadcastLeaf]] = []
+    consumers_of: dict[tuple[int, int], list[tuple[Any, int]]] = {}
     root = rows.grad_fn
-    seen: dict[int, Any] = {} if root is None else {id(root): root}
+    seen: dict[int, Any] = {} if root is None else {id(root): root}  # keeps ids unique
     stack = [] if root is None else [root]
     while stack:
         node = stack.pop()
         for slot, (nxt, nr) in enumerate(node.next_functions):
             if nxt is None:
                 continue
-            record = targets.get((id(nxt), nr))
-            if record is not None:
-                found.append((node, slot, record))
+            consumers_of.setdefault((id(nxt), nr), []).append((node, slot))
             if id(nxt) not in seen:
                 seen[id(nxt)] = nxt
                 stack.append(nxt)
-    names = {id(rec): name for rec, (_c, _i, _y, name) in zip(records, leaves, strict=True)}
-    for node, _slot, record in found:
-        what = f"the output of module '{names[id(record)]}' (shape {record.shape})"
-        if node.name() not in CONSUMERS:
-            raise FallbackRequired(
-                f"{what} is not batch-first with the {samples} samples (dim 0 of the "
-                f"closure's output) and is used by {node.name()}; a call broadcast over the "
-                "batch needs +, - or * with a batched tensor (or pass batch-first inputs, "
-                "e.g. position_ids of shape (batch, T))"
+    records: list[BroadcastLeaf] = []
+    handles: list[Any] = []
+    for call, index, y, name in leaves:
+        edge = get_gradient_edge(y)
+        kept = y.dim() >= 1 and y.shape[0] == 1
+        record = BroadcastLeaf(call, index, tuple(y.shape), kept, [None] * passes)
+        records.append(record)
+        what = f"the output of module '{name}' (shape {record.shape})"
+        uses = _uses((id(edge.node), edge.output_nr), record.shape, consumers_of, what, samples)
+        for node, _slot, _chain, shape in uses:
+            metadata = getattr(node, "_input_metadata", None)
+            if metadata:
+                _check_shapes(tuple(metadata[0].shape), shape, samples, what)
+        for node, slot, chain, shape in uses:
+            handles.append(
+                node.register_prehook(
+                    _prehook(node, slot, chain, shape, record, samples, what, recording)
+                )
             )
-        metadata = getattr(node, "_input_metadata", None)
-        if metadata:
-            _check_shapes(tuple(metadata[0].shape), record, samples, what)
-    handles = []
-    for node, slot, record in found:
-        handles.append(
-            node.register_prehook(
-                _prehook(node, slot, record, samples, names[id(record)], recording)
-            )
-        )
-    del keep, seen
+    del seen
     return records, handles
 
 
 def _prehook(
     node: Any,
     slot: int,
+    chain: tuple[tuple[Any, int], ...],
+    shape: tuple[int, ...],
     record: BroadcastLeaf,
     samples: int,
-    name: str,
+    what: str,
     recording: Callable[[], int | None],
 ) -> Callable[[tuple[Tensor, ...]], None]:
-    what = f"the output of module '{name}' (shape {record.shape})"
-
     def hook(grad_outputs: tuple[Tensor, ...]) -> None:
         index = recording()
         grad = grad_outputs[0]
         if index is None or grad is None:
             return
-        per_sample = _reduce_to_samples(_local_gradient(node, slot, grad), record, samples, what)
+        local = _local_gradient(node, slot, grad)
+        _check_shapes(tuple(local.shape), shape, samples, what)
+        per_sample = _reduce_to_samples(local, shape, samples, what)
+        if chain:  # back through the layout ops, one sample at a time (exact vjps)
+            back = []
+            for s in range(samples):
+                g = per_sample[s]
+                for layout_node, layout_slot in reversed(chain):
+                    out = layout_node(g)
+                    g = out if isinstance(out, Tensor) else out[layout_slot]
+                back.append(g)
+            per_sample = torch.stack(back)
+        per_sample = per_sample.reshape(record.per_sample_shape(samples))
         previous = record.grads[index]
         record.grads[index] = per_sample if previous is None else previous + per_sample
 
