@@ -11,6 +11,9 @@ Per configuration, timed interleaved in one run (median of the repeats):
   the batch; factored backend through its consumers);
 * Sven with batch-first ``position_ids`` (no broadcast; the earlier workaround).
 
+The order of the three steps rotates from one repeat to the next (whichever
+step follows Adam's pays for it: about 10% in a fixed order).
+
 The printed ratios are Sven / Adam in the same run; ``uptime`` load is printed
 with them (the machine is shared: compare ratios, not milliseconds).
 """
@@ -89,8 +92,10 @@ def run(name: str, repeats: int) -> dict[str, float]:
         warnings.simplefilter("error", SvenFallbackWarning)  # a fallback would not be factored
         for fn in steps.values():
             fn()  # warm-up (and the factored backend's first-step probe)
-        for _ in range(repeats):
-            for key, fn in steps.items():
+        keys = list(steps)
+        for r in range(repeats):
+            for key in keys[r % 3 :] + keys[: r % 3]:  # rotate: no step always follows Adam
+                fn = steps[key]
                 start = time.perf_counter()
                 fn()
                 times[key].append(time.perf_counter() - start)

@@ -158,6 +158,7 @@ def _into_doc(text: str) -> None:
     start, end = "<!-- lsq-mgh:start -->", "<!-- lsq-mgh:end -->"
     head, rest = doc.read_text().split(start, 1)
     tail = rest.split(end, 1)[1]
+    text = text.replace("; bold: not solved", "")
     link = "Per problem-start: `benchmarks/least_squares_mgh.md`."
     doc.write_text(f"{head}{start}\n{text}\n{link}\n{end}{tail}")
 

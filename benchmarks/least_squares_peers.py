@@ -93,7 +93,7 @@ def sinc_peer(seed: int) -> dict:
     return {"loss": loss, "seconds": seconds, "work": "50 epochs x 20 batches"}
 
 
-def sinc_torchsven(seed: int, target: float, budget: float) -> dict:
+def sinc_torchsven(seed: int, goal: float, budget: float) -> dict:
     x, y = _sinc_data()
     model = _sinc_model(seed)
     names = [n for n, _ in model.named_parameters()]
@@ -110,7 +110,7 @@ def sinc_torchsven(seed: int, target: float, budget: float) -> dict:
 
     def stop(intermediate_result: dict) -> bool:
         mse = 2 * intermediate_result["cost"] / y.numel()
-        return mse <= target or time.perf_counter() - start > budget
+        return mse <= goal or time.perf_counter() - start > budget
 
     res = torchsven.least_squares(residuals, x0, callback=stop)
     seconds = time.perf_counter() - start
@@ -162,7 +162,7 @@ def pose_peer(seed: int) -> dict:
     return {"loss": final, "seconds": seconds, "work": f"{steps} steps"}
 
 
-def pose_torchsven(seed: int, target: float, budget: float) -> dict:
+def pose_torchsven(seed: int, goal: float, budget: float) -> dict:
     import pypose as pp
 
     pose0, target = _pose_problem(seed)
@@ -171,7 +171,12 @@ def pose_torchsven(seed: int, target: float, budget: float) -> dict:
         return (pp.se3(x).Exp() @ target).Log().tensor()
 
     start = time.perf_counter()
-    res = torchsven.least_squares(residuals, pose0.tensor())
+
+    def stop(intermediate_result: dict) -> bool:
+        loss = 2 * intermediate_result["cost"]
+        return loss <= goal or time.perf_counter() - start > budget
+
+    res = torchsven.least_squares(residuals, pose0.tensor(), callback=stop)
     seconds = time.perf_counter() - start
     final = float(residuals(res.x).square().sum())
     return {

@@ -195,3 +195,68 @@ def test_nn_transformer_models_factored_equals_generic(kind):
             )
 
     _factored_equals_generic(model, closure)
+
+
+def _tiny_llama_or_t5(kind: str) -> nn.Module:
+    torch.manual_seed(9)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=23,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        return transformers.LlamaForCausalLM(config)
+    config = transformers.T5Config(
+        vocab_size=23,
+        d_model=16,
+        d_kv=8,
+        d_ff=32,
+        num_layers=1,
+        num_heads=2,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_llama_and_t5_float32_plain_calls_step_factored_as_generic(kind):
+    """RoPE (Llama) and T5's permuted relative-bias table (broadcast, then masked).
+
+    Their RMSNorms compute in float32 whatever the parameters' dtype, so the
+    comparison is in float32 (in float64 the guard sees float32 rounding and
+    falls back).
+    """
+    ids = torch.randint(0, 23, (6, 8), generator=torch.Generator().manual_seed(10))
+    steps = {}
+    for backend in ("factored", "generic"):
+        model = _tiny_llama_or_t5(kind)
+        params = [p for p in model.parameters() if p.requires_grad]
+        before = flat(params)
+
+        def closure(model: nn.Module = model) -> Tensor:
+            if kind == "t5":
+                logits = model(input_ids=ids, decoder_input_ids=ids[:, :4]).logits
+                targets = ids[:, 1:5]
+            else:
+                logits, targets = model(input_ids=ids).logits[:, :-1], ids[:, 1:]
+            ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            return torchsven.from_losses(ce.mean(dim=1))
+
+        opt = torchsven.Sven(model, lr=0.1, backend=backend)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SvenFallbackWarning)
+            opt.step(closure)
+        assert opt.last_step.backend == backend
+        steps[backend] = flat(params) - before
+    assert steps["generic"].abs().sum() > 0
+    assert rel_err(steps["factored"], steps["generic"]) <= 1e-3

@@ -349,3 +349,39 @@ def test_readme_section_documents_every_argument_and_field() -> None:
     fields = [f.name for f in dataclasses.fields(torchsven.LeastSquaresResult)]
     missing = [name for name in arguments + fields if name not in documented]
     assert not missing, f"docs/readme/least_squares.md misses: {missing}"
+
+
+class _SquareNoForward(torch.autograd.Function):
+    """x^2 with a backward but no forward-mode rule (as some libraries' ops)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_forward_mode_falls_back_to_reverse_mode() -> None:
+    from torchsven.least_squares import _Problem
+
+    def fun(x):
+        return torch.stack([10 * (x[1] - _SquareNoForward.apply(x[0])), 1 - x[0], 0.5 * x[1]])
+
+    problem = _Problem(fun, "auto", _X0, (), {})
+    problem.residuals(_X0)
+    jac = problem.jacobian(_X0, 2)
+    assert problem.failed_modes == {"forward"}
+    expected = torch.autograd.functional.jacobian(fun, _X0)
+    assert torch.allclose(jac, expected)
+    res = torchsven.least_squares(fun, _X0)
+    ref = _scipy(fun, _X0, method="lm")
+    assert res.success and res.cost == pytest.approx(ref.cost, rel=1e-8)

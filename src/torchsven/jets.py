@@ -232,15 +232,27 @@ class _Operators:
         self.coefficients = coefficients  # (q, d, d)
         off = coefficients - torch.diag_embed(coefficients.diagonal(dim1=1, dim2=2))
         self.diagonal = None if bool(off.any()) else coefficients.diagonal(dim1=1, dim2=2)
+        #: one operator, the full Laplacian: the sum of all squares
+        self.laplacian = (
+            self.diagonal is not None
+            and self.diagonal.shape[0] == 1
+            and bool((self.diagonal == 1).all())
+        )
+        self._cast: dict[torch.dtype, Tensor] = {}
+
+    def _as(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._cast:
+            self._cast[dtype] = t.to(dtype)
+        return self._cast[dtype]
 
     def quad(self, first: Tensor) -> Tensor:
         """``first`` (N, d, *f) -> (N, q, *f)."""
         if self.diagonal is not None:
             sq = first * first
-            if self.diagonal.shape[0] == 1 and bool((self.diagonal == 1).all()):
+            if self.laplacian:
                 return sq.sum(dim=1, keepdim=True)
-            return torch.einsum("kd,nd...->nk...", self.diagonal.to(first.dtype), sq)
-        a = self.coefficients.to(first.dtype)
+            return torch.einsum("kd,nd...->nk...", self._as(self.diagonal, first.dtype), sq)
+        a = self._as(self.coefficients, first.dtype)
         return torch.einsum("ni...,kij,nj...->nk...", first, a, first)
 
 
@@ -270,7 +282,7 @@ class _Propagator:
         ):
             return self._linear(module, z)
         if kind in ACTIVATIONS:
-            return self._activation(ACTIVATIONS[kind](module, z[:, 0]), z)
+            return self._activation(module, ACTIVATIONS[kind], z)
         if kind is nn.Identity:
             return z
         if isinstance(module, nn.Dropout) and type(module).forward is nn.Dropout.forward:
@@ -319,13 +331,20 @@ class _Propagator:
             # The module's own call without its bias (hooks see W z on all channels),
             # then the bias on the value channel only.
             out = functional_call(module, {"bias": None}, (z,))
-        return torch.cat([out[:, :1] + module.bias, out[:, 1:]], dim=1)
+        value, rest = torch.split(out, [1, self.channels - 1], dim=1)
+        return torch.cat([value + module.bias, rest], dim=1)
 
-    def _activation(self, derivatives: Derivatives, z: Tensor) -> Tensor:
-        value, d1, d2 = derivatives
-        d = self.d
-        first = z[:, 1 : 1 + d]
-        second = z[:, 1 + d :]
+    def _parts(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(value (N, 1, *f), first (N, d, *f), operators (N, q, *f)) of channels z.
+
+        ``torch.split``, not slicing: the backward of a slice allocates and fills a
+        zero tensor of z's size per slice (measured: 30% of a jet forward + backward).
+        """
+        return torch.split(z, [1, self.d, self.channels - 1 - self.d], dim=1)
+
+    def _activation(self, module: nn.Module, rule: Callable, z: Tensor) -> Tensor:
+        h, first, second = self._parts(z)
+        value, d1, d2 = rule(module, h.squeeze(1))
         d1 = d1.unsqueeze(1)
         new_first = d1 * first
         new_second = d1 * second + d2.unsqueeze(1) * self.operators.quad(first)
@@ -459,9 +478,10 @@ def forward_jet(model: nn.Module, x: Tensor, coefficients: Tensor) -> OperatorJe
         raise ValueError(
             f"the model's output channels have shape {tuple(z.shape)}; jets need (N, C, m)"
         )
-    value = z[:, 0]
-    gradient = z[:, 1 : 1 + d].transpose(1, 2)
-    operators = z[:, 1 + d :].transpose(1, 2)
+    value, first, ops = prop._parts(z)
+    value = value.squeeze(1)
+    gradient = first.transpose(1, 2)
+    operators = ops.transpose(1, 2)
     return OperatorJet(value, gradient, operators)
 
 

@@ -10,8 +10,8 @@ status codes); see docs/design.md, "Least squares".
 Algorithm (one trust-region loop, linear algebra in float64):
 
 * Jacobians by autograd: forward mode (``torch.func.jacfwd``) when ``n <= m``,
-  reverse mode otherwise; a loop of ``torch.autograd`` calls when the function
-  cannot be vmapped.
+  reverse mode otherwise; the other mode where the chosen one cannot run, and a
+  loop of ``torch.autograd`` calls when the function cannot be vmapped.
 * Robust losses as scipy: with ``z = (f/C)^2``, ``rho_C(f^2) = C^2 rho(z)``,
   the Gauss-Newton model uses ``J_s = w J`` and ``f_s = rho' f / w`` with
   ``w = sqrt(max(rho' + 2 rho'' f^2, eps))`` (``rho''`` of ``rho_C``).
@@ -189,7 +189,7 @@ class _Problem:
         self.m = 0
         self.nfev = 0
         self.njev = 0
-        self.vmap_failed = False
+        self.failed_modes: set[str] = set()
 
     def as_user(self, x: Tensor) -> Tensor:
         return x.to(self.dtype).reshape(self.shape)
@@ -244,15 +244,21 @@ class _Problem:
             return self._flat(v.reshape(self.shape))
 
         jac = None
-        if not self.vmap_failed:
+        # The chosen mode first; where it cannot run (no forward-mode formula, an
+        # op vmap refuses), the other mode, then a loop of reverse-mode calls.
+        order = (mode, "reverse" if mode == "forward" else "forward")
+        for attempt in order if self.jac_option == "auto" else (mode,):
+            if attempt in self.failed_modes:
+                continue
             try:
                 with torch.enable_grad():
-                    if mode == "forward":
+                    if attempt == "forward":
                         jac = torch.func.jacfwd(flat_fun)(flat_in)
                     else:
                         jac = torch.func.jacrev(flat_fun)(flat_in)
+                break
             except (RuntimeError, NotImplementedError, TypeError):
-                self.vmap_failed = True
+                self.failed_modes.add(attempt)
         if jac is None:
             with torch.enable_grad():
                 jac = torch.autograd.functional.jacobian(
