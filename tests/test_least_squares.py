@@ -385,3 +385,24 @@ def test_forward_mode_falls_back_to_reverse_mode() -> None:
     res = torchsven.least_squares(fun, _X0)
     ref = _scipy(fun, _X0, method="lm")
     assert res.success and res.cost == pytest.approx(ref.cost, rel=1e-8)
+
+
+def test_bounds_shaped_like_a_2d_float32_start() -> None:
+    target = torch.tensor([[0.5, -2.0], [3.0, 1.0]])
+
+    def fun(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(x - target).reshape(-1), 0.1 * x.reshape(-1) ** 2])
+
+    lb = torch.full((2, 2), -1.0)
+    ub = torch.tensor([[1.0, 1.0], [2.0, 1.0]])
+    x0 = torch.zeros(2, 2)
+    res = torchsven.least_squares(fun, x0, bounds=(lb, ub), ftol=1e-12, xtol=1e-12, gtol=1e-10)
+    ref = _scipy(
+        lambda v: fun(v.float().reshape(2, 2)).double(),
+        x0.double().reshape(-1),
+        bounds=(lb.reshape(-1).numpy(), ub.reshape(-1).numpy()),
+        ftol=1e-12, xtol=1e-12, gtol=1e-10,
+    )  # fmt: skip
+    assert res.x.shape == (2, 2) and res.x.dtype == torch.float32
+    assert np.abs(res.x.reshape(-1).numpy() - ref.x).max() < 1e-5
+    assert res.active_mask.tolist() == [0, -1, 1, 0]

@@ -152,3 +152,48 @@ def test_choose_solver_by_shape():
 def test_unknown_solver_is_rejected():
     with pytest.raises(ValueError, match="solver"):
         jacobian_step(torch.ones(2, 2), torch.ones(2), SpectralFilter(), "qr")
+
+
+# ------------------------------------------------- large Gram solves (Cholesky route)
+def _wide_problem(spectrum: list[float], n: int = 300, p: int = 420):
+    jac = matrix_with_spectrum(n, p, spectrum, seed=3)
+    rows = torch.randn(n, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    return jac, rows
+
+
+def test_full_rank_undamped_gram_solve_takes_cholesky_and_equals_the_reference():
+    from torchsven.solve import CHOLESKY_MIN_ROWS
+
+    n = 300
+    assert n >= CHOLESKY_MIN_ROWS
+    spectrum = torch.logspace(0, -1.5, n, dtype=torch.float64).tolist()  # all above rtol 1e-3
+    jac, rows = _wide_problem(spectrum, n)
+    coeffs, info = gram_coefficients(jac @ jac.T, rows, SpectralFilter())
+    expected, kept, s = reference_step(jac, rows)
+    assert info.projections is None and info.factors is None  # no eigenvectors were formed
+    assert info.kept == kept == n and info.solver == "gram"
+    assert rel_err(jac.T @ coeffs, expected) <= 1e-10
+    assert rel_err(info.singular_values, s) <= 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"rtol": 0.05}, {"damping": 1e-3}, {"rank": 299}],
+    ids=["cut", "damped", "rank-cap"],
+)
+def test_large_gram_solve_with_a_cut_or_damping_uses_eigenvectors(kwargs):
+    n = 300
+    spectrum = torch.logspace(0, -1.5, n, dtype=torch.float64).tolist()
+    jac, rows = _wide_problem(spectrum, n)
+    coeffs, info = gram_coefficients(jac @ jac.T, rows, SpectralFilter(**kwargs))
+    expected, kept, _ = reference_step(jac, rows, **kwargs)
+    assert info.projections is not None and info.kept == kept
+    assert rel_err(jac.T @ coeffs, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("rows", [7, 256, 301])
+def test_symmetric_product_equals_the_plain_product(rows):
+    from torchsven.backends.layers import symmetric_product
+
+    mat = torch.randn(rows, 37, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert rel_err(symmetric_product(mat), mat @ mat.T) <= 1e-14

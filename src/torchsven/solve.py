@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CHOLESKY_MIN_ROWS",
     "SOLVERS",
     "SpectralFilter",
     "SpectralSolution",
@@ -158,10 +159,22 @@ def _descending_eigh(sym: Tensor) -> tuple[Tensor, Tensor]:
     return evals.flip(-1), evecs.flip(-1)
 
 
+#: From this many rows on, a Gram solve that keeps every direction undamped takes the
+#: eigenvalues alone (``eigvalsh``) and solves ``K c = r`` by Cholesky: about half
+#: the cost of the eigenvectors it does not need (docs/design.md, "Solves").
+CHOLESKY_MIN_ROWS = 256
+
+
 def gram_coefficients(
     gram: Tensor, rows: Tensor, filt: SpectralFilter
 ) -> tuple[Tensor, SpectralSolution]:
     """Sample-space coefficients ``c`` (N,) with ``J^T c = J^+_k r``.
+
+    With ``K = U diag(e) U^T``: ``c = U_k diag(1/(e + mu)) U_k^T r``. When every
+    direction is kept and nothing is damped (``N >= CHOLESKY_MIN_ROWS``, no rank
+    cap below N, ``mu = 0``, every ``s_i`` above the cut and the floor, decided
+    from the eigenvalues), that is ``c = K^{-1} r``, solved by Cholesky instead
+    of forming U; the solution then has no ``projections`` / ``factors``.
 
     Args:
         gram: K = J J^T, (N, N); symmetrised and upcast to float64 here.
@@ -177,7 +190,19 @@ def gram_coefficients(
     if n == 0:
         empty = torch.zeros(0, dtype=torch.float64, device=rows.device)
         return empty, SpectralSolution(empty.cpu(), 0, "gram")
-    evals, evecs = _descending_eigh(gram)
+    sym = gram + gram.mT
+    sym *= 0.5
+    undamped = filt.damping == 0 and filt.relative_damping == 0
+    if n >= CHOLESKY_MIN_ROWS and undamped and (filt.rank is None or filt.rank >= n):
+        evals = torch.linalg.eigvalsh(sym).flip(-1)
+        s = torch.sqrt(torch.clamp(evals, min=0.0))
+        if bool(filt.keep(s, gram_floor(n, s[0])).all()):
+            chol, info = torch.linalg.cholesky_ex(sym)
+            if int(info) == 0:
+                coeffs = torch.cholesky_solve(rows.unsqueeze(1), chol).squeeze(1)
+                return coeffs, SpectralSolution(s.cpu(), n, "gram")
+    evals, evecs = torch.linalg.eigh(sym)
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
     s = torch.sqrt(torch.clamp(evals, min=0.0))
     floor = gram_floor(n, s[0])
     weights, mask = filt.inverse_square(evals, floor)

@@ -20,7 +20,9 @@ One step (docs/design.md, "Backends"):
    the same graph, node for node), the capture backward asks autograd only for
    the parameters that force every hooked output gradient (a Linear/Conv
    layer's bias, not its weight: no weight-gradient products), and the check
-   covers those parameters.
+   compares the parameters where the factors are not autograd's own reduction
+   (read outside their calls, or by ``torch.func``; see
+   :meth:`FactoredBackend._lean_inputs`).
 5. ``c`` from the eigh of K (:func:`torchsven.solve.gram_coefficients`), the
    update ``J^T c`` from the factors (no second backward) and ``row_change = K c``.
 
@@ -713,35 +715,50 @@ class FactoredBackend(Backend):
         return total
 
     @staticmethod
-    def _lean_inputs(recorder: Recorder, params: list[Tensor], uses: Sequence[int]) -> list[Tensor]:
-        """``params`` less the weights that only Linear/Conv calls with a trainable bias read.
+    def _lean_inputs(
+        recorder: Recorder, params: list[Tensor], uses: Sequence[int]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """What a step of a verified structure asks autograd for, and what it compares.
 
-        Asking autograd for such a layer's bias still runs the backward through
-        the layer's output (so its tensor hook sees the output gradient; checked
-        when the call ran: the output's autograd node reads the bias), but
-        skips the weight-gradient product ``G^T X``, the costliest part of a
-        backward. A weight is skipped only when the autograd graph reads it
-        exactly once per hooked call (``uses`` from :func:`graph_fingerprint`):
-        any other read (the weight used outside its module, derivatives of the
-        network in the rows) keeps it checked on every step, so a path that was
-        idle when the structure was verified (a zero gate) is still caught when
-        it starts to contribute. Every other parameter (no bias, norms,
-        embeddings, modules read by ``torch.func``, a weight also reached
-        through a call without a bias) is still asked for.
+        Asked: ``params`` less the weights that only Linear/Conv calls with a
+        trainable bias read. Asking autograd for such a layer's bias still runs
+        the backward through the layer's output (so its tensor hook sees the
+        output gradient; checked when the call ran: the output's autograd node
+        reads the bias), but skips the weight-gradient product ``G^T X``, the
+        costliest part of a backward.
+
+        Compared: the parameters whose ``J^T 1`` from the factors is not the
+        same computation as autograd's: those the graph reads other than once
+        per hooked call (``uses`` from :func:`graph_fingerprint`: a weight used
+        outside its module, derivatives of the network in the rows; a path that
+        was idle when the structure was verified, such as a zero gate, is caught
+        when it starts to contribute), those no hooked call covers (must get no
+        gradient) and those of modules read by ``torch.func``. For a parameter
+        read exactly once per Linear, Conv, Embedding or norm call, the factors'
+        ``J^T 1`` is autograd's own reduction of the same output gradients and
+        inputs, so comparing it again on every step would check nothing new.
         """
         skippable: dict[int, bool] = {}
         calls_of: dict[int, int] = {}
+        recomputed: set[int] = set()
         for c in recorder.calls:
             with_bias = c.kind in ("linear", "conv") and "bias" in c.covers and c.bias_inside
             for name, p in c.covers.items():
                 ok = with_bias and name == "weight"
                 skippable[id(p)] = skippable.get(id(p), True) and ok
                 calls_of[id(p)] = calls_of.get(id(p), 0) + 1
-        return [
-            p
-            for p, n_uses in zip(params, uses, strict=True)
-            if not (skippable.get(id(p), False) and n_uses == calls_of[id(p)])
-        ]
+                if c.kind == "generic":
+                    recomputed.add(id(p))
+        asked, compared = [], []
+        for p, n_uses in zip(params, uses, strict=True):
+            n_calls = calls_of.get(id(p), 0)
+            read_in_calls = n_calls > 0 and n_uses == n_calls
+            if skippable.get(id(p), False) and read_in_calls:
+                continue
+            asked.append(p)
+            if not read_in_calls or id(p) in recomputed:
+                compared.append(p)
+        return asked, compared
 
     def _terms(
         self, recorder: Recorder, layout: RowLayout
@@ -923,10 +940,16 @@ class FactoredBackend(Backend):
         full = known == "new" or self.verify == "always"
         names = recorder.plan.param_names
         try:
-            checked = params if full else self._lean_inputs(recorder, params, uses)
+            if full:
+                asked, compared = params, params
+            else:
+                asked, compared = self._lean_inputs(recorder, params, uses)
             self.lean_steps += not full
             broadcast = self._watch_broadcast(rows, recorder, layout)
-            ones_grads = self._capture_backward(rows, checked, recorder, layout)
+            ones_grads = self._capture_backward(rows, asked, recorder, layout)
+            if not full:
+                by_id = {id(p): g for p, g in zip(asked, ones_grads, strict=True)}
+                ones_grads = [by_id[id(p)] for p in compared]
             _to_samples(broadcast, layout.samples)
             contributions = self._terms(recorder, layout)
             generator = torch.Generator().manual_seed(0x5BE7)
@@ -936,7 +959,7 @@ class FactoredBackend(Backend):
                 rows.dtype, *(c.autocast for c in recorder.calls if c.autocast is not None)
             )
             self._check(
-                contributions, checked, names, ones_grads, ones, "J^T 1", generator, precision
+                contributions, compared, names, ones_grads, ones, "J^T 1", generator, precision
             )
             if full:
                 self.probes += 1
@@ -974,7 +997,7 @@ class FactoredBackend(Backend):
         """K (R, R) float64 and the assembly that formed it (for ``J^T c``)."""
         assembly = GramAssembly.of(contributions, params)
         gram = assembly.gram(layout.rows, rows.device)
-        check_finite(gram, "the Gram matrix of the residual rows")
+        check_finite(gram, "the Jacobian of the residual rows (its Gram matrix)")
         return gram, assembly
 
     def _jacobian(
@@ -1017,8 +1040,10 @@ class FactoredBackend(Backend):
             return Direction(flat_to_params(flat, params), solution, row_change=jac @ flat)
         gram, assembly = self._gram(rows, params, contributions, layout)
         coeffs, solution = gram_coefficients(gram, rows.detach().to(_F64), filt)
+        row_change = gram @ coeffs
+        del gram  # (N, N) float64: not held while the step (P float64) is formed
         step = assembly.transpose_product(params, coeffs)
-        return Direction(step, solution, row_change=gram @ coeffs)
+        return Direction(step, solution, row_change=row_change)
 
 
 def _bias_positions(call: Call, positions: int) -> Tensor:

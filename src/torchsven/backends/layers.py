@@ -110,10 +110,36 @@ class RowLayout:
         return g.unsqueeze(1)
 
 
+#: From this many rows on, ``M M^T`` is formed by row blocks below the diagonal only.
+TRIANGULAR_MIN_ROWS = 256
+#: Row blocks of the triangular product.
+TRIANGULAR_BLOCKS = 4
+
+
+def symmetric_product(mat: Tensor) -> Tensor:
+    """``M M^T`` (R, R) of M (R, d), in M's dtype.
+
+    For R >= ``TRIANGULAR_MIN_ROWS`` only the blocks on and below the diagonal
+    are multiplied (``b (b + 1) / 2`` of ``b^2`` blocks, about 60% of the work
+    for b = 4) and the blocks above are mirrored from below, as BLAS ``syrk``
+    does; each entry is the same float64 dot product as in ``M @ M.T``.
+    """
+    rows = mat.shape[0]
+    if rows < TRIANGULAR_MIN_ROWS:
+        return mat @ mat.mT
+    out = mat.new_empty(rows, rows)
+    size = -(-rows // TRIANGULAR_BLOCKS)
+    for start in range(0, rows, size):
+        stop = min(start + size, rows)
+        block = mat[start:stop] @ mat[:stop].mT  # (b, stop): this block row up to the diagonal
+        out[start:stop, :stop] = block
+        out[:start, start:stop] = block[:, :start].mT
+    return out
+
+
 def _gram(mat: Tensor) -> Tensor:
     """``M M^T`` (R, R) float64 of per-row vectors M (R, ...)."""
-    flat = mat.reshape(mat.shape[0], -1).to(_F64)
-    return flat @ flat.mT
+    return symmetric_product(mat.reshape(mat.shape[0], -1).to(_F64))
 
 
 @dataclass(frozen=True)
@@ -217,10 +243,10 @@ class LinearLikeTerm(Term):
             a2, g2 = a[:, 0], g[:, 0]  # (R, q, d)
             if groups == 1:
                 # K = (A A^T + 1) * (G G^T): the bias shares G G^T with the weight
-                aa = a2[:, 0] @ a2[:, 0].mT
+                aa = symmetric_product(a2[:, 0])
                 if with_bias:
                     aa += 1.0
-                return aa.mul_(g2[:, 0] @ g2[:, 0].mT)
+                return aa.mul_(symmetric_product(g2[:, 0]))
             return (
                 torch.einsum("iqk,jqk->ijq", a2, a2)
                 .mul_(torch.einsum("iqo,jqo->ijq", g2, g2))
@@ -236,7 +262,6 @@ class LinearLikeTerm(Term):
         return out
 
     def gram(self, names: Sequence[str]) -> Tensor:
-        out = self.a.new_zeros(self.a.shape[0], self.a.shape[0], dtype=_F64)
         fused = (
             self.ghost
             and self.weight_name in names
@@ -246,10 +271,14 @@ class LinearLikeTerm(Term):
         )
         if fused:
             return self._ghost_gram(with_bias=True)
+        out = None
         if self.weight_name in names:
-            out = out + (self._ghost_gram() if self.ghost else _gram(self._weight_rows()))
+            out = self._ghost_gram() if self.ghost else _gram(self._weight_rows())
         if self.bias_name in names:
-            out = out + _gram(self.g.sum(dim=1))
+            bias = _gram(self.g.sum(dim=1))
+            out = bias if out is None else out.add_(bias)
+        if out is None:
+            return self.a.new_zeros(self.a.shape[0], self.a.shape[0], dtype=_F64)
         return out
 
     def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:

@@ -66,10 +66,21 @@ def _run_parser() -> argparse.ArgumentParser:
         help=f"the full suite: full data and epochs, {FULL_SEEDS} seeds",
     )
     size.add_argument("--size", choices=("full", "quick", "tiny"), help="problem size")
-    p.add_argument("--tasks", help="comma-separated task names (default: all)")
-    p.add_argument("--methods", help="comma-separated method names (default: all)")
+    p.add_argument(
+        "--tasks",
+        help="comma-separated task names, shell patterns ('mgh-*') or families ('mgh') "
+        "(default: the size's suite)",
+    )
+    p.add_argument(
+        "--methods", help="comma-separated method names or patterns ('sven*') (default: all)"
+    )
     p.add_argument("--seeds", type=int, help="number of seeds (default 1 quick, 3 full)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument(
+        "--epochs",
+        help="override epochs per task: TASK=E,... (names or patterns, e.g. "
+        "'digits-label=5,mgh-*=50'); recorded in the JSON and the report",
+    )
     p.add_argument(
         "--threads",
         type=int,
@@ -77,10 +88,37 @@ def _run_parser() -> argparse.ArgumentParser:
         help="torch threads (default 1: these models are tiny and extra threads "
         "only add contention)",
     )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where models and data live: cpu (default) or cuda[:index] (an error when "
+        "CUDA is not available)",
+    )
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     return p
+
+
+def epoch_overrides(spec: str | None, tasks: Sequence[Any]) -> dict[Any, int]:
+    """``--epochs 'a=5,mgh-*=50'`` -> {task: epochs} for the selected tasks it names.
+
+    Later items override earlier ones. Raises ValueError for a malformed item, epochs < 1,
+    or a plain name (no ``*?[``) that is not a selected task.
+    """
+    import fnmatch
+
+    out: dict[Any, int] = {}
+    for item in _split(spec) or []:
+        pattern, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(f"--epochs items must be TASK=E with E >= 1, got {item!r}")
+        hits = [t for t in tasks if fnmatch.fnmatchcase(t.name, pattern.strip())]
+        if not hits and not any(c in pattern for c in "*?["):
+            raise ValueError(f"--epochs {item!r} matches none of the selected tasks")
+        for t in hits:
+            out[t] = int(value)
+    return out
 
 
 def list_tasks() -> int:
@@ -120,9 +158,15 @@ def report(argv: Sequence[str]) -> int:
     )
     p.add_argument("--out", help="output directory (default: next to the first JSON)")
     p.add_argument("--json", help="also write the (merged) document to this path")
+    p.add_argument(
+        "--readme",
+        help="also write the headline table ('Sven against the best peer'), the paper's "
+        "1-D goals and where Sven loses into this Markdown file, between its "
+        "<!-- bench-headline:start/end --> markers (then run tools/sync_readme.py)",
+    )
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    from .report import load_json, merge_documents, save_json
+    from .report import load_json, merge_documents, save_json, write_readme_section
 
     try:
         doc = merge_documents([load_json(path) for path in args.results])
@@ -132,6 +176,12 @@ def report(argv: Sequence[str]) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         save_json(doc, args.json)
+    if args.readme:
+        source = os.path.relpath(args.json or args.results[0])
+        try:
+            write_readme_section(doc, args.readme, source)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"torchsven bench report: {e}") from None
     _outputs(doc, out, not args.no_plots, _console())
     return 0
 
@@ -209,10 +259,10 @@ def run(argv: Sequence[str]) -> int:
     args = _run_parser().parse_args(argv)
     import torch
 
-    from .methods import METHODS, get_method
+    from .methods import get_method, select_methods
     from .report import make_document, save_json
-    from .runner import SuiteEvents, environment, run_suite
-    from .tasks import get_task, load_all
+    from .runner import SuiteEvents, check_device, environment, run_suite
+    from .tasks import get_task, select_tasks
 
     size = args.size or "quick"
     if args.threads < 1:
@@ -223,8 +273,11 @@ def run(argv: Sequence[str]) -> int:
         raise SystemExit("torchsven bench: --seeds must be >= 1")
     seeds = list(range(args.seed, args.seed + n_seeds))
     try:
-        tasks = [get_task(n, size) for n in (_split(args.tasks) or list(load_all()))]
-        methods = [get_method(n) for n in (_split(args.methods) or list(METHODS))]
+        device = check_device(args.device)
+        tasks = [get_task(n, size) for n in select_tasks(_split(args.tasks), size)]
+        for task, epochs in epoch_overrides(args.epochs, tasks).items():
+            task.epochs = {**task.epochs, size: epochs}
+        methods = [get_method(n) for n in select_methods(_split(args.methods))]
     except ValueError as e:
         raise SystemExit(f"torchsven bench: {e}") from None
     console = _console()
@@ -240,7 +293,7 @@ def run(argv: Sequence[str]) -> int:
         os.remove(partial)
     with _Progress(console, bars, partial) as progress:
         events = SuiteEvents(progress.started_run, progress.finished_run)
-        results = run_suite(tasks, methods, seeds, events)
+        results = run_suite(tasks, methods, seeds, events, device)
     elapsed = time.perf_counter() - started
     data = {t.name: t.make_data(seeds[0]) for t in tasks}
     doc = make_document(
@@ -254,6 +307,7 @@ def run(argv: Sequence[str]) -> int:
                 "steps_per_epoch": t.steps_per_epoch(data[t.name]),
                 "train_samples": t.samples(data[t.name].train),
                 "dtype": str(t.dtype).replace("torch.", ""),
+                "family": t.family,
             }
             for t in tasks
         },
@@ -263,6 +317,7 @@ def run(argv: Sequence[str]) -> int:
                 "available": available[m.name] is None,
                 "reason": available[m.name],
                 "grid": m.grid(size),
+                "plain": m.is_plain(),
             }
             for m in methods
         },
@@ -270,11 +325,12 @@ def run(argv: Sequence[str]) -> int:
             "size": size,
             "seeds": seeds,
             "threads": args.threads,
+            "device": str(device),
             "command": "torchsven bench " + shlex.join(argv),
             "selection": "lowest best validation metric on the first seed",
             "suite_seconds": elapsed,
         },
-        environment=environment(),
+        environment=environment(device),
     )
     path = os.path.join(args.out, "results.json")
     save_json(doc, path)

@@ -27,9 +27,17 @@ from typing import Any
 import torch
 
 from .methods import Method, Setting
-from .tasks.base import Task, TaskData
+from .tasks.base import Task, TaskData, to_device
 
-__all__ = ["BLOWUP", "PeakMemory", "RunResult", "run_one", "run_suite", "select_best"]
+__all__ = [
+    "BLOWUP",
+    "PeakMemory",
+    "RunResult",
+    "check_device",
+    "run_one",
+    "run_suite",
+    "select_best",
+]
 
 #: An objective above ``BLOWUP`` times its first value counts as diverged.
 BLOWUP = 1e6
@@ -38,18 +46,58 @@ BLOWUP = 1e6
 ProgressFn = Callable[[float, float], None]
 
 
-class PeakMemory:
-    """Peak resident memory of this process during a block, above its start (MiB).
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)`` for the bench: ``cpu`` or ``cuda[:k]``, and it must exist.
 
-    Linux only: resets the kernel's high-water mark (``/proc/self/clear_refs``,
-    value 5) and reads ``VmHWM`` afterwards. Elsewhere ``mib`` stays None.
+    Raises ValueError naming ``device`` when the string is not a device, is another
+    kind, or asks for CUDA where torch has none (no GPU, or a CPU-only build).
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {device!r} ({e})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (
+                "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+            )
+            raise ValueError(
+                f"device {device!r}: CUDA is not available here (torch {torch.__version__}, "
+                f"{build}, {torch.cuda.device_count()} GPU(s)); use device='cpu'"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
+    return dev
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so host timers measure it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak memory during a block, above its start (MiB).
+
+    CPU: the process's resident memory; Linux only: resets the kernel's
+    high-water mark (``/proc/self/clear_refs``, value 5) and reads ``VmHWM``
+    afterwards. Elsewhere ``mib`` stays None. CUDA: torch's peak allocated
+    memory on the device above the allocation at the start.
     """
 
     method = "peak RSS above the run's start (VmHWM after resetting it via /proc/self/clear_refs)"
+    cuda_method = (
+        "peak CUDA memory allocated above the run's start (torch.cuda.max_memory_allocated)"
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.mib: float | None = None
         self._start: float | None = None
+        self.device = device if device is not None else torch.device("cpu")
 
     @staticmethod
     def _status_kib(key: str) -> float | None:
@@ -63,7 +111,14 @@ class PeakMemory:
         return None
 
     def __enter__(self) -> PeakMemory:
-        gc.collect()
+        # the young generations only: a full collection of the whole heap took ~1-2 s
+        # per run under load, more than a curve-fitting run itself
+        gc.collect(1)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = float(torch.cuda.memory_allocated(self.device))
+            return self
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
@@ -73,6 +128,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak_bytes = float(torch.cuda.max_memory_allocated(self.device))
+            self.mib = max(0.0, peak_bytes - (self._start or 0.0)) / 2**20
+            return
         peak = self._status_kib("VmHWM")
         if self._start is not None and peak is not None:
             self.mib = max(0.0, peak - self._start) / 1024.0
@@ -148,10 +208,18 @@ def run_one(
     setting: Setting,
     seed: int,
     progress: ProgressFn | None = None,
+    device: str | torch.device = "cpu",
 ) -> RunResult:
-    """Train ``task.make_model(seed)`` with ``method`` at ``setting`` for ``task.num_epochs``."""
+    """Train ``task.make_model(seed)`` with ``method`` at ``setting`` for ``task.num_epochs``.
+
+    ``device``: where the model and the data live (``data`` is moved there when it is
+    elsewhere); GPU work is synchronised before every clock reading.
+    """
+    dev = check_device(device)
     result = RunResult(task.name, method.name, dict(setting), seed)
-    model = task.make_model(seed)
+    model = task.make_model(seed).to(dev)
+    if data.train and data.train[0].device != dev:
+        data = to_device(data, dev)
     per_epoch = task.steps_per_epoch(data)
     stepper = method.build(model, task, dict(setting), per_epoch)
     order = torch.Generator().manual_seed(seed)
@@ -169,14 +237,16 @@ def run_one(
         result.status, result.message = "diverged", why
 
     record(0.0, math.nan)
-    with PeakMemory() as memory:
+    with PeakMemory(dev) as memory:
         for epoch in range(epochs):
             batches = [data.train] if method.full_batch else task.batches(data, order)
             n_batches = 1 if method.full_batch else per_epoch
             for i, batch in enumerate(batches):
+                _synchronize(dev)
                 start = time.perf_counter()
                 try:
                     loss = stepper.step(batch)
+                    _synchronize(dev)
                 except (RuntimeError, ValueError, ArithmeticError) as e:
                     clock += time.perf_counter() - start
                     diverge(f"step raised {type(e).__name__}: {str(e).splitlines()[0][:200]}")
@@ -193,7 +263,8 @@ def run_one(
                 if progress is not None:
                     progress(done, loss)
                 last = i + 1 == n_batches
-                if last or (i + 1) % every == 0:
+                due = (epoch + 1) % task.eval_every == 0 or epoch + 1 == epochs
+                if (last and due) or (not last and (i + 1) % every == 0):
                     if not _finite_params(model):
                         diverge(f"parameters became non-finite at step {stepper.steps}")
                         break
@@ -236,24 +307,29 @@ def run_suite(
     methods: Sequence[Method],
     seeds: Sequence[int],
     events: SuiteEvents | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[RunResult]:
-    """Tune every method on ``seeds[0]`` and run each winner on the other seeds."""
+    """Tune every method on ``seeds[0]`` and run each winner on the other seeds.
+
+    Methods that do not apply to a task (``method.applies``) are skipped there.
+    """
     if not seeds:
         raise ValueError("seeds must name at least one seed")
+    dev = check_device(device)
     events = events or SuiteEvents()
     results: list[RunResult] = []
 
     def one(task: Task, data: TaskData, method: Method, setting: Setting, seed: int) -> RunResult:
         progress = events.run_started(task, method, setting, seed) if events.run_started else None
-        result = run_one(task, data, method, setting, seed, progress)
+        result = run_one(task, data, method, setting, seed, progress, dev)
         if events.run_finished:
             events.run_finished(result)
         return result
 
     for task in tasks:
-        data = {seed: task.make_data(seed) for seed in seeds}
+        data = {seed: to_device(task.make_data(seed), dev) for seed in seeds}
         for method in methods:
-            if method.unavailable() is not None:
+            if method.unavailable() is not None or not method.applies(task):
                 continue
             tuned = [one(task, data[seeds[0]], method, s, seeds[0]) for s in method.grid(task.size)]
             best = select_best(tuned, task.metric)
@@ -266,8 +342,9 @@ def run_suite(
     return results
 
 
-def environment() -> dict[str, Any]:
-    """torch, Python, CPU, threads, git commit and the time, for the JSON and the report."""
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """torch, Python, CPU (and GPU), threads, git commit, load and the time, for the JSON
+    and the report."""
     import platform
     import subprocess
 
@@ -301,8 +378,12 @@ def environment() -> dict[str, Any]:
             commit += "-dirty"
     except (OSError, subprocess.SubprocessError):
         pass
+    dev = torch.device(device)
+    gpu: dict[str, Any] = {}
+    if dev.type == "cuda" and torch.cuda.is_available():
+        gpu = {"gpu": torch.cuda.get_device_name(dev), "cuda": torch.version.cuda}
     versions: dict[str, str] = {}
-    for name in ("numpy", "scikit-learn", "matplotlib", "rich"):
+    for name in ("numpy", "scipy", "scikit-learn", "matplotlib", "rich"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
     return {
@@ -315,6 +396,18 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "git_commit": commit,
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "memory_measure": PeakMemory.method,
+        "load_average": _load_average(),
+        "device": str(dev),
+        **gpu,
+        "memory_measure": PeakMemory.cuda_method if dev.type == "cuda" else PeakMemory.method,
         **versions,
     }
+
+
+def _load_average() -> str | None:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), None where unreadable."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return None

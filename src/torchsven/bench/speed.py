@@ -3,11 +3,16 @@
 For each case (model, batch of N rows) it measures one optimizer step of
 
 * ``sgd``: forward, backward of the mean loss, ``torch.optim.SGD.step``;
+* ``adam``: the same with ``torch.optim.Adam``;
 * ``factored``: Sven with the factored Gram backend (``verify="auto"``);
 * ``factored-verify``: the same with the coupling probe on every step;
 * ``generic``: Sven with the materialised Jacobian (cheapest decomposition);
 * ``svd``: materialise-and-SVD, the authors' first algorithm (full thin SVD of J);
-* ``eigh``: a bare float64 ``eigh`` of an N x N matrix (a floor for any Gram method).
+* ``eigh``: a bare float64 ``eigh`` of an N x N matrix (a floor for any Gram method);
+* ``authors``: the authors' Gram path (``GramSvenWrapper`` + ``SvenGram`` of
+  sambt/sven, same rows, rtol 1e-3, k = N) on the MLP cases, only when their
+  package is importable (it is not a dependency; see
+  ``benchmarks/authors_gram_compare.py``).
 
 Times are medians over ``--steps`` steps after one warm-up step, interleaved
 method by method within each repetition so that machine load hits all methods
@@ -15,8 +20,10 @@ alike; the parameters are reset (untimed) before every step, so every step
 does the same work. A materialising method whose first step takes longer than
 ``--slow-seconds`` is timed by that one step instead (``single_step`` in the
 JSON) and gets no memory run, so the benchmark stays within minutes. Peak
-memory is measured in a fresh process per method: the peak resident set size
-over two steps (after a warm-up step) minus the resident size before them.
+memory is measured in a fresh process per method: one step on a 2-row batch
+loads the libraries' code, then the peak resident set size over the first two
+steps of a new optimizer on the case's batch minus the resident size before
+them (so persistent state such as SGD's momentum counts, library code does not).
 Methods that materialise J run only where J takes at most
 ``--max-jacobian-gb`` (float64) and are marked skipped otherwise.
 """
@@ -24,6 +31,7 @@ Methods that materialise J run only where J takes at most
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -43,8 +51,24 @@ from torch import Tensor, nn
 
 __all__ = ["CASES", "main"]
 
-METHODS = ("sgd", "factored", "factored-verify", "generic", "svd")
+METHODS = ("sgd", "adam", "factored", "factored-verify", "generic", "svd")
 MATERIALISING = ("generic", "svd")
+#: Timed only where available (their package importable, an MLP case).
+OPTIONAL = ("authors",)
+
+
+class _EncoderRegressor(nn.Module):
+    """``nn.TransformerEncoderLayer`` (batch-first, no dropout), mean over tokens, Linear."""
+
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            d, heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True
+        )
+        self.head = nn.Linear(d, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layer(x).mean(dim=1))
 
 
 class _TinyTransformer(nn.Module):
@@ -70,23 +94,31 @@ class _TinyTransformer(nn.Module):
 
 @dataclass(frozen=True)
 class SpeedCase:
-    """A model and one batch; ``rows()`` are Sven's rows, ``loss()`` SGD's scalar."""
+    """A model and one batch; ``rows()`` are Sven's rows, ``loss()`` SGD's scalar.
+
+    ``authors``: the authors' Gram path can run it (a plain MLP).
+    """
 
     name: str
     rows_n: int
     build: Callable[[int], tuple[nn.Module, Tensor, Tensor, str]]
+    authors: bool = False
 
 
-def _mlp(d_in: int, width: int, depth: int, d_out: int):
+def _mlp(
+    d_in: int, width: int, depth: int, d_out: int, act: type[nn.Module] = nn.Tanh, grid=False
+):
     def build(n: int):
         torch.manual_seed(0)
         layers: list[nn.Module] = []
         d = d_in
         for _ in range(depth):
-            layers += [nn.Linear(d, width), nn.Tanh()]
+            layers += [nn.Linear(d, width), act()]
             d = width
         layers.append(nn.Linear(d, d_out))
-        x = torch.randn(n, d_in)
+        x = torch.linspace(-1, 1, n).unsqueeze(1) if grid else torch.randn(n, d_in)
+        if grid:
+            return nn.Sequential(*layers), x, torch.sin(3 * x), "regression"
         if d_out == 1:
             return nn.Sequential(*layers), x, torch.randn(n, 1), "regression"
         return nn.Sequential(*layers), x, torch.randint(0, d_out, (n,)), "classification"
@@ -114,15 +146,26 @@ def _transformer(n: int):
     return _TinyTransformer(), torch.randint(0, 64, (n, 16)), torch.randn(n, 1), "regression"
 
 
+def _encoder(n: int):
+    torch.manual_seed(0)
+    return _EncoderRegressor(), torch.randn(n, 16, 64), torch.randn(n, 1), "regression"
+
+
 def _cases() -> dict[str, SpeedCase]:
     out = {}
     for width in (64, 256, 1024):
         for n in (128, 512):
             name = f"mlp-w{width}-n{n}"
             out[name] = SpeedCase(name, n, _mlp(32, width, 3, 1))
-    out["mlp-authors-n128"] = SpeedCase("mlp-authors-n128", 128, _mlp(64, 384, 8, 10))
+    # the authors' cases (docs/design.md, "Speed"): a, b, c
+    out["authors-a"] = SpeedCase("authors-a", 128, _mlp(64, 384, 8, 10, nn.ReLU), authors=True)
+    out["authors-b"] = SpeedCase("authors-b", 512, _mlp(32, 256, 3, 1, nn.GELU), authors=True)
+    out["authors-c"] = SpeedCase("authors-c", 512, _mlp(32, 1024, 3, 1, nn.GELU), authors=True)
+    # the paper's own model: 1 -> 16 -> 16 -> 16 -> 1 (GELU), 32 points of sin(3x)
+    out["paper-n32"] = SpeedCase("paper-n32", 32, _mlp(1, 16, 3, 1, nn.GELU, grid=True))
     out["cnn-n128"] = SpeedCase("cnn-n128", 128, _cnn)
     out["transformer-n128"] = SpeedCase("transformer-n128", 128, _transformer)
+    out["encoder-n128"] = SpeedCase("encoder-n128", 128, _encoder)
     return out
 
 
@@ -130,6 +173,16 @@ def _cases() -> dict[str, SpeedCase]:
 CASES = _cases()
 #: A seconds-long subset for smoke tests.
 QUICK = ("mlp-w64-n128", "cnn-n128", "transformer-n128")
+
+
+def authors_available() -> bool:
+    """Whether the authors' package (``sven.nn.GramSvenWrapper``) is importable."""
+    try:
+        from sven.nn import GramSvenWrapper  # noqa: F401
+        from sven.opt import SvenGram  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _rows_and_loss(model: nn.Module, x: Tensor, y: Tensor, task: str):
@@ -151,18 +204,48 @@ def _rows_and_loss(model: nn.Module, x: Tensor, y: Tensor, task: str):
     return rows, loss
 
 
+def _authors_stepper(model: nn.Module, x: Tensor, y: Tensor, task: str) -> Callable[[], None]:
+    """One step of the authors' Gram path on the same rows as Sven's (see ``_rows_and_loss``)."""
+    from sven.nn import GramSvenWrapper
+    from sven.opt import SvenGram
+
+    if task == "regression":
+        wrapper = GramSvenWrapper(
+            model,
+            lambda pred, t: (pred - t).square().reshape(-1),
+            "cpu",
+            kappa=1.0,
+            residual_fn=lambda pred, t: (pred - t).reshape(-1),
+        )
+    else:  # rows sqrt(l): kappa = 1 on the per-sample losses
+        wrapper = GramSvenWrapper(
+            model, lambda pred, t: F.cross_entropy(pred, t, reduction="none"), "cpu", kappa=1.0
+        )
+    opt = SvenGram(wrapper, lr=0.1, k=x.shape[0], rtol=1e-3)
+
+    def authors_step() -> None:
+        wrapper.loss_and_grad((x, y))
+        opt.step()
+
+    return authors_step
+
+
 def _stepper(method: str, model: nn.Module, rows, loss) -> Callable[[], None]:
     import torchsven
 
-    if method == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    if method in ("sgd", "adam"):
+        opt: torch.optim.Optimizer = (
+            torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            if method == "sgd"
+            else torch.optim.Adam(model.parameters(), lr=1e-3)
+        )
 
-        def sgd_step() -> None:
+        def first_order_step() -> None:
             opt.zero_grad(set_to_none=True)
             loss().backward()
             opt.step()
 
-        return sgd_step
+        return first_order_step
     kwargs: dict[str, Any] = {"lr": 0.1}
     if method == "factored":
         kwargs["backend"] = "factored"
@@ -209,11 +292,19 @@ def _time_case(case: SpeedCase, steps: int, max_gb: float, slow_s: float) -> dic
     state = {k: v.clone() for k, v in model.state_dict().items()}
     jac_gb = _jacobian_gb(case, model, n_rows)
     methods = [m for m in METHODS if m not in MATERIALISING or jac_gb <= max_gb]
+    if case.authors and authors_available():
+        methods.append("authors")
+    # the authors' wrapper rebinds its model's parameters: it gets its own copy
+    models = {m: copy.deepcopy(model) if m == "authors" else model for m in methods}
     steppers = {}
     single: dict[str, float] = {}
     for m in methods:
-        _reset(model, state)
-        steppers[m] = _stepper(m, model, rows, loss)
+        _reset(models[m], state)
+        steppers[m] = (
+            _authors_stepper(models[m], x, y, task)
+            if m == "authors"
+            else _stepper(m, model, rows, loss)
+        )
         t0 = time.perf_counter()
         steppers[m]()  # warm-up (first factored step also runs the coupling probe)
         warm = time.perf_counter() - t0
@@ -227,7 +318,7 @@ def _time_case(case: SpeedCase, steps: int, max_gb: float, slow_s: float) -> dic
     torch.linalg.eigh(sym)
     for _ in range(steps):
         for m in repeated:
-            _reset(model, state)
+            _reset(models[m], state)
             t0 = time.perf_counter()
             steppers[m]()
             times[m].append(time.perf_counter() - t0)
@@ -236,6 +327,7 @@ def _time_case(case: SpeedCase, steps: int, max_gb: float, slow_s: float) -> dic
         eigh_times.append(time.perf_counter() - t0)
     result = {
         "case": case.name,
+        "load_average": os.getloadavg()[0],
         "rows": n_rows,
         "params": _n_params(model),
         "jacobian_gb": round(jac_gb, 3),
@@ -262,23 +354,40 @@ def _status_kb(field: str) -> int:
 
 
 def _memory_worker(case_name: str, method: str) -> dict[str, float]:
-    """In a fresh process: peak RSS over the RSS before a step (MB), after a warm-up step.
+    """In a fresh process: peak RSS of a method's first two steps over the RSS before (MB).
 
-    The warm-up step maps the libraries' code and allocates persistent state
-    (SGD momentum); the kernel's peak-RSS mark (VmHWM) is then reset through
-    ``/proc/self/clear_refs`` so the peak covers two steps only.
+    One step of the method on a 2-row batch first maps the libraries' code (not
+    counted); then a new optimizer takes two steps on the case's batch (each from
+    the case's start, as in the timing), and the
+    kernel's peak-RSS mark (VmHWM, reset through ``/proc/self/clear_refs`` just
+    before) minus the resident size before them is the method's memory: its
+    persistent state (SGD's momentum) and its largest transient peak.
     """
     case = CASES[case_name]
     model, x, y, task = case.build(case.rows_n)
+    tiny = copy.deepcopy(model)
+    tiny_rows, tiny_loss = _rows_and_loss(tiny, x[:2], y[:2], task)
+    try:  # only maps the code: a failure on two rows (a singular step) does not matter
+        if method == "authors":
+            _authors_stepper(tiny, x[:2], y[:2], task)()
+        else:
+            _stepper(method, tiny, tiny_rows, tiny_loss)()
+    except Exception:
+        pass
+    del tiny, tiny_rows, tiny_loss
     rows, loss = _rows_and_loss(model, x, y, task)
-    step = _stepper(method, model, rows, loss)
-    step()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     gc.collect()
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
     before = _status_kb("VmRSS")
-    step()
-    step()
+    if method == "authors":
+        step = _authors_stepper(model, x, y, task)
+    else:
+        step = _stepper(method, model, rows, loss)
+    for _ in range(2):  # the same step twice, as in the timing (from the same start)
+        _reset(model, state)
+        step()
     peak = _status_kb("VmHWM")
     return {"peak_mb": max(0.0, (peak - before) * 1024 / 1e6)}
 
@@ -312,7 +421,11 @@ def _ratios(r: dict[str, Any]) -> dict[str, float]:
     t = r["time_ms"]
     out = {"factored/sgd": t["factored"] / t["sgd"]}
     out["factored/(sgd+eigh)"] = t["factored"] / (t["sgd"] + r["eigh_ms"])
+    out["factored/adam"] = t["factored"] / t["adam"]
+    out["factored/(adam+eigh)"] = t["factored"] / (t["adam"] + r["eigh_ms"])
     out["factored-verify/factored"] = t["factored-verify"] / t["factored"]
+    if "authors" in t:
+        out["authors/factored"] = t["authors"] / t["factored"]
     if "generic" in t:
         out["generic/factored"] = t["generic"] / t["factored"]
     if "svd" in t:
@@ -325,17 +438,18 @@ def _ratios(r: dict[str, Any]) -> dict[str, float]:
 
 def _table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| case | N | P | SGD ms | factored ms | generic ms | SVD ms | eigh ms | "
-        "factored/SGD | factored/(SGD+eigh) | generic/factored | SVD/factored | "
-        "probe every step | peak MB SGD / factored / generic / SVD |"
+        "| case | N | P | load | SGD ms | Adam ms | factored ms | authors ms | generic ms | "
+        "SVD ms | eigh ms | factored/SGD | factored/(SGD+eigh) | factored/(Adam+eigh) | "
+        "authors/factored | generic/factored | SVD/factored | probe every step | "
+        "peak MB SGD / factored / authors | memory factored/SGD |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 20]
 
     def fmt(v: float | None, digits: int = 1) -> str:
-        return "skipped" if v is None else f"{v:.{digits}f}"
+        return "-" if v is None else f"{v:.{digits}f}"
 
-    def ratio(v: float | None) -> str:
-        return "skipped" if v is None else f"{v:.1f}x"
+    def ratio(v: float | None, digits: int = 1) -> str:
+        return "-" if v is None else f"{v:.{digits}f}x"
 
     for r in results:
         t, q, mem = r["time_ms"], r["ratios"], r.get("peak_mb", {})
@@ -343,21 +457,23 @@ def _table(results: list[dict[str, Any]]) -> str:
         def star(m: str, r: dict[str, Any] = r) -> str:
             return "*" if m in r.get("single_step", ()) else ""
 
-        mems = " / ".join(
-            fmt(mem.get(m), 0) if m in t else "skipped"
-            for m in ("sgd", "factored", "generic", "svd")
-        )
+        mems = " / ".join(fmt(mem.get(m), 0) for m in ("sgd", "factored", "authors"))
         lines.append(
-            f"| {r['case']} | {r['rows']} | {r['params']:,} | {fmt(t['sgd'])} | "
-            f"{fmt(t['factored'])} | {fmt(t.get('generic'))}{star('generic')} | "
-            f"{fmt(t.get('svd'))}{star('svd')} | "
-            f"{fmt(r['eigh_ms'])} | {q['factored/sgd']:.2f}x | {q['factored/(sgd+eigh)']:.2f}x | "
+            f"| {r['case']} | {r['rows']} | {r['params']:,} | {r.get('load_average', 0):.1f} | "
+            f"{fmt(t['sgd'])} | {fmt(t['adam'])} | {fmt(t['factored'])} | "
+            f"{fmt(t.get('authors'))} | {fmt(t.get('generic'))}{star('generic')} | "
+            f"{fmt(t.get('svd'))}{star('svd')} | {fmt(r['eigh_ms'])} | "
+            f"{ratio(q['factored/sgd'], 2)} | {ratio(q['factored/(sgd+eigh)'], 2)} | "
+            f"{ratio(q['factored/(adam+eigh)'], 2)} | {ratio(q.get('authors/factored'), 2)} | "
             f"{ratio(q.get('generic/factored'))} | {ratio(q.get('svd/factored'))} | "
-            f"{q['factored-verify/factored']:.2f}x | {mems} |"
+            f"{ratio(q['factored-verify/factored'], 2)} | {mems} | "
+            f"{ratio(q.get('memory factored/sgd'), 2)} |"
         )
     lines.append("")
     lines.append(
-        "`*`: one step (slower than --slow-seconds), not a median; its memory not measured."
+        "`*`: one step (slower than --slow-seconds), not a median; its memory not measured. "
+        "`-`: not run (J over --max-jacobian-gb; the authors' package absent or not an MLP). "
+        "load: the 1-minute load average when the case was timed."
     )
     return "\n".join(lines)
 

@@ -11,9 +11,20 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import SIZES, Batch, Task, TaskData, seeded_model
+from .base import SIZES, Batch, Task, TaskData, seeded_model, to_device
 
-__all__ = ["SIZES", "TASKS", "Batch", "Task", "TaskData", "get_task", "register", "seeded_model"]
+__all__ = [
+    "SIZES",
+    "TASKS",
+    "Batch",
+    "Task",
+    "TaskData",
+    "get_task",
+    "register",
+    "seeded_model",
+    "select_tasks",
+    "to_device",
+]
 
 #: name -> Task subclass, in registration order.
 TASKS: dict[str, type[Task]] = {}
@@ -52,3 +63,24 @@ def get_task(name: str, size: str = "full") -> Task:
     if name not in tasks:
         raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(tasks)}")
     return tasks[name](size)
+
+
+def select_tasks(patterns: list[str] | None, size: str) -> list[str]:
+    """Task names for ``--tasks``: names or shell patterns (``mgh-*``) or family names
+    (``mgh``), in registry order; None: every task whose ``suites`` include ``size``."""
+    import fnmatch
+
+    tasks = load_all()
+    if patterns is None:
+        return [name for name, cls in tasks.items() if size in cls.suites]
+    chosen: list[str] = []
+    for pattern in patterns:
+        hits = [
+            name
+            for name, cls in tasks.items()
+            if fnmatch.fnmatchcase(name, pattern) or cls.family == pattern
+        ]
+        if not hits:
+            raise ValueError(f"unknown task {pattern!r}; known tasks: {', '.join(tasks)}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen

@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SIZES", "Batch", "Task", "TaskData", "seeded_model"]
+__all__ = ["SIZES", "Batch", "Task", "TaskData", "seeded_model", "to_device"]
 
 #: Problem sizes every task supports.
 SIZES = ("full", "quick", "tiny")
@@ -61,6 +61,15 @@ class TaskData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def to_device(data: TaskData, device: torch.device | str) -> TaskData:
+    """``data`` with every tensor of ``train`` and ``val`` moved to ``device`` (same dtype)."""
+    return TaskData(
+        tuple(t.to(device) for t in data.train),
+        tuple(t.to(device) for t in data.val),
+        data.info,
+    )
+
+
 def seeded_model(build: Any, seed: int, dtype: torch.dtype) -> nn.Module:
     """``build()`` under ``torch.manual_seed(seed)`` (global RNG restored), cast to dtype."""
     with torch.random.fork_rng(devices=[]):
@@ -81,7 +90,12 @@ class Task:
         batch_size: minibatch size, or None for full batch.
         epochs: passes over the training data per size.
         evals_per_epoch: validation evaluations per epoch (curve resolution).
+        eval_every: epochs between the end-of-epoch evaluations (full-batch tasks with
+            many one-step epochs; the last epoch is always evaluated).
         dtype: parameter and data dtype.
+        family: tasks that share one table in the report (e.g. ``"mgh"``), or None.
+        suites: the sizes whose default suite includes the task (``--tasks``
+            can always name it).
     """
 
     name: ClassVar[str] = ""
@@ -91,7 +105,10 @@ class Task:
     batch_size: ClassVar[int | None] = 32
     epochs: ClassVar[dict[str, int]] = {"full": 20, "quick": 5, "tiny": 1}
     evals_per_epoch: ClassVar[int] = 1
+    eval_every: ClassVar[int] = 1
     dtype: ClassVar[torch.dtype] = torch.float32
+    family: ClassVar[str | None] = None
+    suites: ClassVar[tuple[str, ...]] = SIZES
 
     def __init__(self, size: str = "full") -> None:
         if size not in SIZES:
@@ -135,6 +152,15 @@ class Task:
         """Scalar loss for first-order methods: ``0.5 * ||r||^2 / n``."""
         r = self.residuals(model, batch)
         return 0.5 * r.square().sum() / self.samples(batch)
+
+    def sample_losses(self, model: nn.Module, batch: Batch) -> Tensor:
+        """Per-sample losses (n,) >= 0, the paper's form of the rows (``sven-paper``).
+
+        Default: the mean square of each sample's residual rows (the per-sample
+        MSE; rows are grouped by their first dimension).
+        """
+        r = self.residuals(model, batch)
+        return r.reshape(r.shape[0], -1).square().mean(1)
 
     def batches(self, data: TaskData, generator: torch.Generator) -> Iterator[Batch]:
         """One epoch: shuffled minibatches of ``data.train`` (drop none), or the full batch."""

@@ -90,3 +90,7 @@ class DigitsCE(_Digits):
     def loss(self, model: nn.Module, batch: Batch) -> Tensor:
         x, labels = batch
         return F.cross_entropy(model(x), labels)
+
+    def sample_losses(self, model: nn.Module, batch: Batch) -> Tensor:
+        x, labels = batch
+        return F.cross_entropy(model(x), labels, reduction="none")
