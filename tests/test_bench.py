@@ -271,7 +271,7 @@ def test_json_round_trip_and_report_from_saved_json(tmp_path) -> None:
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and len(head) > 5000
     with open(write_markdown(loaded, str(tmp_path), plots)) as f:
         md = f.read()
-    assert "| sven |" in md and "![diabetes](diabetes.png)" in md
+    assert "| sven | defaults |" in md and "![diabetes](diabetes.png)" in md
     bad = tmp_path / "bad.json"
     bad.write_text('{"schema": "other"}')
     with pytest.raises(ValueError, match="not a torchsven bench results file"):

@@ -215,7 +215,7 @@ def cells(method: str, row: dict[str, Any]) -> list[str]:
     acc = row["accuracy"]
     return [
         method,
-        _setting(row["setting"]),
+        _setting(row["setting"]) or "defaults",
         str(row["notes"].get("backend", "")),
         _num(row["train"]),
         _num(row["val"]),
