@@ -13,9 +13,16 @@ import torch
 import torchsven
 from torchsven.backends.factored import FactoredBackend, FactoredJacobian
 from torchsven.backends.generic import GenericBackend
-from torchsven.matfree import dense_operator, orthonormalize, range_finder, ritz_step
+from torchsven.matfree import (
+    ReducedOperator,
+    dense_operator,
+    orthonormalize,
+    range_finder,
+    ritz_step,
+)
 from torchsven.solve import SpectralFilter
 
+from . import dist_harness
 from .cases import LAYER_CASES, layer_case, matrix_with_spectrum, mlp
 from .reference import dense_jacobian, flat, reference_step, rel_err
 
@@ -64,6 +71,30 @@ def test_ritz_step_truncated_converges_with_power_iterations():
     st = torch.tensor(s, dtype=_F64)
     tail = float(st[8:].norm() / st.norm())
     assert all(0.5 * tail < res < 3 * tail for res in residuals)
+
+
+def test_wide_sketch_keeps_exactness_and_sharpens_the_basis():
+    """sketch_factor f: f l columns, top-l singular vectors kept. Exact when l >= rank(J);
+    on a truncated problem the kept basis is closer to the top-k space than a plain sketch."""
+    s = [5.0, 3.0, 2.0, 1.0, 0.5]
+    jac = matrix_with_spectrum(30, 20, s, seed=8)
+    r = torch.randn(30, generator=_gen(9), dtype=_F64)
+    sketch = range_finder(dense_operator(jac), 6, 0, _gen(10), sketch_factor=3.0)
+    out = ritz_step(sketch, r, SpectralFilter(rank=5))
+    assert sketch.basis.shape == (30, 6)
+    assert rel_err(out.step[0], reference_step(jac, r, rank=5)[0]) < TOL
+    decay = [2.0 * 0.85**i for i in range(40)]
+    jac = matrix_with_spectrum(80, 60, decay, seed=11)
+    top = torch.linalg.svd(jac, full_matrices=False)[0][:, :4]
+
+    def angle(factor: float) -> float:
+        errs = []
+        for seed in range(5):
+            q = range_finder(dense_operator(jac), 8, 0, _gen(seed), sketch_factor=factor).basis
+            errs.append(float((top - q @ (q.T @ top)).norm()))
+        return sum(errs) / len(errs)
+
+    assert angle(6.0) < 0.5 * angle(1.0)
 
 
 def test_orthonormalize_cholesky_qr_spans_the_block():
@@ -235,3 +266,42 @@ def test_adaptive_damping_with_matrix_free_steps():
         opt.step(case.residuals)
     assert opt.last_step.solver == "matfree" and "sketch_residual" in opt.last_step.extras
     assert 0.5 * float(case.residuals().detach().square().sum()) < first
+
+
+# ------------------------------------------------------------ data parallel (gloo)
+def _split_problem():
+    jac = matrix_with_spectrum(24, 18, [4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.25], seed=12)
+    r = torch.randn(24, generator=_gen(13), dtype=_F64)
+    return jac, r
+
+
+@dist_harness.check
+def matfree_collective(rank: int, world: int) -> dict:
+    """Each rank holds a block of rows; one all_reduce per jt, Cholesky QR over ranks."""
+    import torch.distributed as dist
+
+    jac, r = _split_problem()
+    rows = torch.tensor_split(torch.arange(24), world)[rank]
+    calls = []
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        calls.append(t.numel())
+        t = t.clone()
+        dist.all_reduce(t, group=dist_harness.group())
+        return t
+
+    op = ReducedOperator(dense_operator(jac[rows]), reduce)
+    sketch = range_finder(op, 9, 1, _gen(14), reduce=reduce, sketch_factor=2.0)
+    out = ritz_step(sketch, r[rows], SpectralFilter(rank=7, damping=1e-3), reduce=reduce)
+    return {"step": out.step[0].tolist(), "kept": out.kept, "residual": sketch.residual}
+
+
+def test_collective_block_products_equal_one_process():
+    results = dist_harness.run_ranks(2, __name__, [(2, ["matfree_collective"])])
+    jac, r = _split_problem()
+    expected, kept, _ = reference_step(jac, r, rank=7, damping=1e-3)
+    for res in results[2]:
+        status, out = res["matfree_collective"]
+        assert status == "ok", out
+        assert rel_err(torch.tensor(out["step"], dtype=_F64), expected) < TOL
+        assert out["kept"] == kept and out["residual"] < 1e-10

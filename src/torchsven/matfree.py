@@ -18,6 +18,10 @@ Tropp (2011, alg. 4.3 / 4.4) on K in sample space:
 
     Y = J Omega,  Q = orth(Y);   q times:  Q <- orth(K Q);   B = J^T Q   (P, l)
 
+optionally with a wide sketch (``f l`` columns, ``Q`` = top-l left singular
+vectors of Y) where the sketch is cheap (about a forward pass on the factored
+backend, whereas each ``jt`` / ``j`` costs about l backward passes);
+
 and :func:`ritz_step` the Rayleigh-Ritz step on ``range(Q)``: with the small
 Gram ``Q^T K Q = B^T B = W diag(e) W^T`` (l, l), the Ritz values ``e_i`` (the
 estimated ``s_i^2``), the filter ``phi(s)/s = 1/(e + mu)`` on the kept ones and
@@ -55,6 +59,7 @@ from .solve import SpectralFilter, gram_floor
 __all__ = [
     "JacobianOperator",
     "RangeSketch",
+    "ReducedOperator",
     "RitzStep",
     "block_combine",
     "block_inner",
@@ -69,6 +74,8 @@ _F64 = torch.float64
 #: A parameter block: one tensor (b, *shape) per parameter.
 ParamBlock = list[Tensor]
 Reduce = Callable[[Tensor], Tensor]
+#: Elements of one float64 slice in :func:`block_inner`.
+_SLICE_ELEMS = 1 << 20
 
 
 class JacobianOperator(Protocol):
@@ -90,21 +97,29 @@ class JacobianOperator(Protocol):
 
 
 def block_inner(z: ParamBlock) -> Tensor:
-    """``Z Z^T`` (b, b) float64 of a parameter block (summed over parameters)."""
+    """``Z Z^T`` (b, b) float64 of a parameter block (summed over parameters).
+
+    Accumulated in float64 over column slices of each parameter (bounded copies).
+    """
     out: Tensor | None = None
     for t in z:
-        flat = t.reshape(t.shape[0], -1).to(_F64)
-        g = flat @ flat.mT
-        out = g if out is None else out + g
+        flat = t.reshape(t.shape[0], -1)
+        step = max(1, _SLICE_ELEMS // max(1, flat.shape[0]))
+        for start in range(0, flat.shape[1], step):
+            part = flat[:, start : start + step].to(_F64)
+            g = part @ part.mT
+            out = g if out is None else out + g
     if out is None:
         raise ValueError("block_inner needs at least one parameter")
     return out
 
 
 def block_combine(z: ParamBlock, coeffs: Tensor) -> list[Tensor]:
-    """``sum_j coeffs_j Z_j`` per parameter (shape of one column), float64; coeffs (b,)."""
-    c = coeffs.to(_F64)
-    return [torch.tensordot(c, t.to(_F64), dims=1) for t in z]
+    """``sum_j coeffs_j Z_j`` per parameter (shape of one column), float64; coeffs (b,).
+
+    Summed in the block's dtype (as the exact factored update ``J^T c`` is), then float64.
+    """
+    return [torch.tensordot(coeffs.to(t.dtype), t, dims=1).to(_F64) for t in z]
 
 
 def gram_product(op: JacobianOperator, v: Tensor) -> Tensor:
@@ -132,6 +147,25 @@ def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
     return q
 
 
+def _chunked_gram(y: Tensor) -> Tensor:
+    """``Y^T Y`` float64 of Y (N, m) in any dtype, converting row slices only."""
+    step = max(1, _SLICE_ELEMS // max(1, y.shape[1]))
+    out = y.new_zeros(y.shape[1], y.shape[1], dtype=_F64)
+    for start in range(0, y.shape[0], step):
+        part = y[start : start + step].to(_F64)
+        out += part.mT @ part
+    return out
+
+
+def _chunked_matmul(y: Tensor, mat: Tensor) -> Tensor:
+    """``Y M`` float64 (N, l) of Y (N, m) in any dtype and M (m, l) float64."""
+    step = max(1, _SLICE_ELEMS // max(1, y.shape[1]))
+    out = y.new_empty(y.shape[0], mat.shape[1], dtype=_F64)
+    for start in range(0, y.shape[0], step):
+        out[start : start + step] = y[start : start + step].to(_F64) @ mat
+    return out
+
+
 @dataclass(frozen=True)
 class RangeSketch:
     """Outcome of :func:`range_finder`.
@@ -157,6 +191,7 @@ def range_finder(
     generator: torch.Generator,
     probes: int = 4,
     reduce: Reduce | None = None,
+    sketch_factor: float = 1.0,
 ) -> RangeSketch:
     """Randomized range finder with ``power_iters`` power iterations on K (module docstring).
 
@@ -167,12 +202,26 @@ def range_finder(
         generator: source of the test block (its state advances).
         probes: extra test columns for the residual estimate.
         reduce: sum over ranks for row-distributed Q (None: one process).
+        sketch_factor: f >= 1: draw ``f l`` sketch columns and keep the top-l left
+            singular vectors of the sketch (``Y Y^T / (f l)`` is a Monte Carlo
+            estimate of K, better for larger f). Worth it when ``sketch`` is much
+            cheaper than ``jt`` (Kronecker columns on the factored backend).
     """
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
-    y = op.sketch(columns + probes, generator).to(_F64)
-    y, probe = y[:, :columns], y[:, columns:]
+    wide = max(columns, min(op.rows, round(columns * sketch_factor)))
+    y = op.sketch(wide + probes, generator)
+    probe = y[:, wide:].to(_F64)
+    y = y[:, :wide]
+    if wide > columns:  # the top-l left singular vectors of the wide sketch, without
+        # an (N, f l) basis: the top-l eigenvectors V of Y^T Y, then Q = orth(Y V)
+        core = _chunked_gram(y)
+        if reduce is not None:
+            core = reduce(core)
+        _, vecs = torch.linalg.eigh(0.5 * (core + core.mT))
+        y = _chunked_matmul(y, vecs[:, -columns:])
     q = orthonormalize(y, reduce)
+    del y
     products = 1
     for _ in range(power_iters):
         q = orthonormalize(gram_product(op, q), reduce)
@@ -240,6 +289,36 @@ def ritz_step(
         s.cpu(),
         int(mask.sum()),
     )
+
+
+class ReducedOperator:
+    """A row-distributed J (each rank holds its rows' operator ``local``).
+
+    ``jt`` sums the local ``J_r^T V_r`` over ranks with ONE ``reduce`` of the
+    flattened parameter block; ``j`` and ``sketch`` are local (every rank must
+    draw the same test block: equal generator states). Pass the same
+    ``reduce`` to :func:`range_finder` and :func:`ritz_step`.
+    """
+
+    def __init__(self, local: JacobianOperator, reduce: Reduce) -> None:
+        self.local = local
+        self.reduce = reduce
+        self.rows = local.rows
+
+    def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
+        return self.local.sketch(columns, generator)
+
+    def jt(self, v: Tensor) -> ParamBlock:
+        parts = self.local.jt(v)
+        summed = self.reduce(torch.cat([t.reshape(-1) for t in parts]))
+        out, offset = [], 0
+        for t in parts:
+            out.append(summed[offset : offset + t.numel()].view(t.shape))
+            offset += t.numel()
+        return out
+
+    def j(self, z: ParamBlock) -> Tensor:
+        return self.local.j(z)
 
 
 def dense_operator(jac: Tensor) -> JacobianOperator:

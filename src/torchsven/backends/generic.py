@@ -280,11 +280,19 @@ class AutogradJacobian:
             return out
         for start in range(0, b, self.chunk):
             sl = slice(start, start + self.chunk)
-            (col,) = self._batched(
-                [grads[i] for i in used],  # type: ignore[misc]
-                [dummy],
-                [z[i][sl].to(self.params[i].dtype).contiguous() for i in used],
-            )
+            try:
+                (col,) = self._batched(
+                    [grads[i] for i in used],  # type: ignore[misc]
+                    [dummy],
+                    [z[i][sl].to(self.params[i].dtype).contiguous() for i in used],
+                )
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    "the matrix-free rank-k step needs J Z by double backward, which an op "
+                    f"of the closure does not support ({str(exc).splitlines()[0]}); for "
+                    "scaled_dot_product_attention call the model under "
+                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
+                ) from exc
             if col is not None:
                 out[:, sl] = col.mT.to(torch.float64)
         return out

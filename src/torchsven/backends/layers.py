@@ -797,7 +797,8 @@ def block_j(term: Term, names: Sequence[str], z: dict[str, Tensor]) -> Tensor | 
 def block_sketch(
     term: Term, names: Sequence[str], columns: int, generator: torch.Generator
 ) -> Tensor | None:
-    """``sum_p J_p Omega_p`` (R, columns) float64 for random test blocks ``Omega_p``.
+    """``sum_p J_p Omega_p`` (R, columns) for random test blocks ``Omega_p`` (the
+    factors' dtype for Linear / Conv weights and embeddings, else float64).
 
     Linear/Conv weights and embeddings use Kronecker columns ``u w^T`` (cost of
     a forward pass with ``columns`` outputs); other parameters Gaussian columns.
@@ -811,10 +812,10 @@ def block_sketch(
         u = _gaussian((columns, vocab), generator, term.g)
         w = _gaussian((columns, d), generator, term.g)
         rows, positions = term.idx.shape
-        out = term.g.new_zeros(rows, columns, dtype=_F64)
+        out = term.g.new_zeros(rows, columns)
         for sl in _chunks(rows, positions * columns * 2):
             gw = term.g[sl] @ w.mT  # (c, T, l)
-            out[sl] = (gw * u.mT[term.idx[sl]]).sum(1).to(_F64)
+            out[sl] = (gw * u.mT[term.idx[sl]]).sum(1)
         return out
     z = {
         n: _gaussian((columns, *t.shape[1:]), generator, t) for n, t in term.per_row(names).items()
@@ -823,6 +824,8 @@ def block_sketch(
 
 
 def _linear_jt(term: LinearLikeTerm, names: Sequence[str], v: Tensor) -> dict[str, Tensor]:
+    """Per column j and group: ``M_j = sum_{r,t} v_rj g_rt a_rt^T = (G o v_j)^T A`` (do, dk),
+    one GEMM over a chunk of rows (inner dimension: rows x positions)."""
     a, g = term.a, term.g
     rows, positions, groups, dk = a.shape
     do = g.shape[-1]
@@ -830,16 +833,24 @@ def _linear_jt(term: LinearLikeTerm, names: Sequence[str], v: Tensor) -> dict[st
     v = v.to(g.dtype)
     out: dict[str, Tensor] = {}
     if term.weight_name in names:
-        acc = g.new_zeros(groups, dk, b * do)
-        for sl in _chunks(rows, positions * b * max(do, dk)):
+        acc = g.new_zeros(b, groups, do, dk)
+        for sl in _chunks(rows, positions * (do + dk)):
             c = a[sl].shape[0]
+            vc = v[sl]
             for q in range(groups):
-                ac = a[sl, :, q].reshape(c * positions, dk)
-                gv = (g[sl, :, q, None, :] * v[sl, None, :, None]).reshape(c * positions, b * do)
-                acc[q] += ac.mT @ gv
-        shape = term.params[term.weight_name].shape
-        weight = acc.reshape(groups, dk, b, do).permute(2, 0, 3, 1)  # (b, q, do, dk)
-        out[term.weight_name] = weight.reshape(b, *shape)
+                ac = a[sl, :, q]  # (c, T, dk)
+                gc = g[sl, :, q]  # (c, T, do)
+                for j in range(b):
+                    w = vc[:, j, None, None]
+                    if dk < do:  # scale the narrower factor
+                        acc[j, q].addmm_(
+                            gc.reshape(c * positions, do).mT, (ac * w).reshape(c * positions, dk)
+                        )
+                    else:
+                        acc[j, q].addmm_(
+                            (gc * w).reshape(c * positions, do).mT, ac.reshape(c * positions, dk)
+                        )
+        out[term.weight_name] = acc.reshape(b, *term.params[term.weight_name].shape)
     if term.bias_name in names:
         gsum = term.bias_rows()  # (R, q do)
         out[term.bias_name] = v.mT @ gsum
@@ -847,6 +858,7 @@ def _linear_jt(term: LinearLikeTerm, names: Sequence[str], v: Tensor) -> dict[st
 
 
 def _linear_j(term: LinearLikeTerm, names: Sequence[str], z: dict[str, Tensor]) -> Tensor | None:
+    """Per column j: ``(J Z_j)_r = sum_t g_rt . (Z_j a_rt)``, one GEMM per row chunk."""
     a, g = term.a, term.g
     rows, positions, groups, dk = a.shape
     do = g.shape[-1]
@@ -855,14 +867,16 @@ def _linear_j(term: LinearLikeTerm, names: Sequence[str], z: dict[str, Tensor]) 
         zw = z[term.weight_name]
         b = zw.shape[0]
         zq = zw.to(a.dtype).reshape(b, groups, do, dk)
-        mats = [zq[:, q].permute(2, 0, 1).reshape(dk, b * do) for q in range(groups)]
         out = a.new_zeros(rows, b, dtype=_F64)
-        for sl in _chunks(rows, positions * b * do):
+        for sl in _chunks(rows, positions * (do + dk)):
             c = a[sl].shape[0]
             part = a.new_zeros(c, b)
             for q in range(groups):
-                az = (a[sl, :, q].reshape(c * positions, dk) @ mats[q]).reshape(c, positions, b, do)
-                part += (az * g[sl, :, q, None, :]).sum(dim=(1, 3))
+                ac = a[sl, :, q].reshape(c * positions, dk)
+                gc = g[sl, :, q].reshape(c, positions * do)
+                for j in range(b):
+                    az = (ac @ zq[j, q].mT).reshape(c, positions * do)
+                    part[:, j] += (az * gc).sum(dim=1)
             out[sl] = part.to(_F64)
     if term.bias_name in names:
         zb = z[term.bias_name]
@@ -875,23 +889,34 @@ def _linear_j(term: LinearLikeTerm, names: Sequence[str], z: dict[str, Tensor]) 
 def _linear_sketch(
     term: LinearLikeTerm, names: Sequence[str], columns: int, generator: torch.Generator
 ) -> Tensor | None:
+    """Kronecker columns ``Omega_j = u_j w_j^T`` per group: ``(J Omega_j)_r =
+    sum_t (g_rt . u_j)(a_rt . w_j + c_j)``, two thin GEMMs per row chunk. A trainable
+    bias is the weight of a constant input 1, so its test entries are ``c_j u_j``
+    (no extra product); a bias alone gets Gaussian columns."""
     a, g = term.a, term.g
     rows, positions, groups, dk = a.shape
     do = g.shape[-1]
-    out = None
-    if term.weight_name in names:
-        u = _gaussian((columns, groups, do), generator, g)
-        w = _gaussian((columns, groups, dk), generator, a)
-        out = a.new_zeros(rows, columns, dtype=_F64)
-        for sl in _chunks(rows, positions * groups * columns * 2):
-            gu = torch.einsum("ctqo,lqo->ctql", g[sl], u)
-            aw = torch.einsum("ctqk,lqk->ctql", a[sl], w)
-            out[sl] = (gu * aw).sum(dim=(1, 2)).to(_F64)
-    if term.bias_name in names:
+    with_bias = term.bias_name in names
+    if term.weight_name not in names:
+        if not with_bias:
+            return None
         zb = _gaussian((columns, groups * do), generator, g)
-        gsum = term.bias_rows()  # (R, q do)
-        part = (gsum @ zb.mT).to(_F64)
-        out = part if out is None else out + part
+        gsum = g.sum(dim=1).reshape(rows, groups * do)
+        return (gsum @ zb.mT).to(_F64)
+    u = _gaussian((groups, do, columns), generator, g)
+    w = _gaussian((groups, dk, columns), generator, a)
+    shift = _gaussian((groups, 1, columns), generator, a) if with_bias else None
+    out = a.new_zeros(rows, columns)
+    for sl in _chunks(rows, positions * (2 * columns + do + dk)):
+        c = a[sl].shape[0]
+        part = a.new_zeros(c, columns)
+        for q in range(groups):
+            gu = g[sl, :, q].reshape(c * positions, do) @ u[q]
+            aw = a[sl, :, q].reshape(c * positions, dk) @ w[q]
+            if shift is not None:
+                aw += shift[q]
+            part += (gu * aw).reshape(c, positions, columns).sum(dim=1)
+        out[sl] = part
     return out
 
 
