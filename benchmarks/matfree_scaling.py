@@ -330,7 +330,7 @@ def render(results: dict) -> str:
     for q, ratios in results["quality"].items():
         lines.append(f"- power_iters={q[1:]}: " + ", ".join(f"{r:.3f}" for r in ratios))
     lm = results.get("lm", {})
-    if lm.get("sven") and "error" not in lm["sven"]:
+    if lm.get("sven") and "seconds" in lm["sven"]:
         sv, ad = lm["sven"], lm["adam"]
         lines += [
             "",
