@@ -74,7 +74,7 @@ def _one(method: str, n: int, timed: int) -> dict:
             loss.backward()
             opt.step()
     else:
-        kwargs: dict = {"rank": RANK}
+        kwargs: dict = {"rank": RANK, "damping": 0.0}  # the plain step
         if method.startswith("matfree"):
             kwargs.update(randomized=True, power_iters=int(method[-1]), oversample=10)
         sven = torchsven.Sven(model, lr=1e-3, **kwargs)
@@ -113,7 +113,14 @@ def _decrease_ratio(n: int, power_iters: int, seed: int) -> float:
     exact = 0.5 * float(((vecs.flip(1)[:, :RANK].T @ r) ** 2).sum())
     before = [p.detach().clone() for p in params]
     sven = torchsven.Sven(
-        model, lr=1.0, rank=RANK, randomized=True, power_iters=power_iters, rtol=1e-6, seed=seed
+        model,
+        lr=1.0,
+        rank=RANK,
+        randomized=True,
+        power_iters=power_iters,
+        rtol=1e-6,
+        seed=seed,
+        damping=0.0,
     )
     sven.step(lambda: model(x) - y)
     names = [name for name, _ in model.named_parameters()]
