@@ -291,6 +291,49 @@ def ritz_step(
     )
 
 
+@dataclass(frozen=True)
+class RankKStep:
+    """A matrix-free rank-k step as a backend reports it.
+
+    Attributes:
+        step: per parameter, in its shape (float64).
+        row_change: ``J step`` (N,).
+        singular_values, kept: the Ritz values (descending) and the kept count.
+        extras: ``sketch_residual``, ``sketch_columns``, ``block_products``.
+    """
+
+    step: list[Tensor]
+    row_change: Tensor
+    singular_values: Tensor
+    kept: int
+    extras: dict[str, float | int]
+
+
+def rank_k_step(
+    op: JacobianOperator,
+    rows: Tensor,
+    params: Sequence[Tensor],
+    filt: SpectralFilter,
+    columns: int,
+    power_iters: int,
+    generator: torch.Generator,
+    probes: int = 4,
+    sketch_factor: float = 1.0,
+) -> RankKStep:
+    """Range finder (``columns`` wide, at most N) then the filtered Ritz step."""
+    width = max(1, min(columns, op.rows))
+    sketch = range_finder(op, width, power_iters, generator, probes, sketch_factor=sketch_factor)
+    ritz = ritz_step(sketch, rows.detach(), filt)
+    step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
+    row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
+    extras = {
+        "sketch_residual": sketch.residual,
+        "sketch_columns": width,
+        "block_products": sketch.products,
+    }
+    return RankKStep(step, row_change, ritz.singular_values, ritz.kept, extras)
+
+
 class ReducedOperator:
     """A row-distributed J (each rank holds its rows' operator ``local``).
 

@@ -115,6 +115,18 @@ def grid_points(dim: int, per_dim: int, *, dtype: torch.dtype = torch.float64) -
     return torch.cartesian_prod(*[axis] * dim).reshape(-1, dim)
 
 
+def relative_l2(
+    model: nn.Module, exact: Callable[[Tensor], Tensor], points: Tensor | Callable[..., Tensor]
+) -> float:
+    """``||u_model - u_exact|| / ||u_exact||`` on ``points`` (or on ``points(dtype)``)."""
+    dtype = next(model.parameters()).dtype
+    x = points(dtype) if callable(points) else points
+    with torch.no_grad():
+        u = model(x).reshape(-1)
+        ref = exact(x)
+        return float((u - ref).norm() / ref.norm())
+
+
 @dataclass(frozen=True)
 class PoissonProblem:
     r"""``-Lap u = source`` on ``[0, 1]^dim``, ``u = exact`` on the boundary.
@@ -208,12 +220,7 @@ class PoissonProblem:
 
     def relative_l2(self, model: nn.Module, points: Tensor | None = None) -> float:
         """``||u_model - u_exact|| / ||u_exact||`` on ``points`` (default: the grid)."""
-        dtype = next(model.parameters()).dtype
-        x = self.grid(dtype) if points is None else points
-        with torch.no_grad():
-            u = model(x).reshape(-1)
-            ref = self.exact(x)
-            return float((u - ref).norm() / ref.norm())
+        return relative_l2(model, self.exact, self.grid if points is None else points)
 
 
 def _sin_product(x: Tensor) -> Tensor:
@@ -391,12 +398,7 @@ class HeatProblem:
 
     def relative_l2(self, model: nn.Module, points: Tensor | None = None) -> float:
         """``||u_model - u_exact|| / ||u_exact||`` on ``points`` (default: the grid)."""
-        dtype = next(model.parameters()).dtype
-        x = self.grid(dtype) if points is None else points
-        with torch.no_grad():
-            u = model(x).reshape(-1)
-            ref = self.exact(x)
-            return float((u - ref).norm() / ref.norm())
+        return relative_l2(model, self.exact, self.grid if points is None else points)
 
 
 def heat_1d(width: int = 32, diffusivity: float = 0.25) -> HeatProblem:

@@ -45,7 +45,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import NonFiniteError
 from ..masks import Selection
-from ..matfree import ParamBlock, range_finder, ritz_step
+from ..matfree import ParamBlock, rank_k_step
 from ..solve import SpectralFilter, SpectralSolution, gram_coefficients, jacobian_step
 from .assembly import GramAssembly
 from .base import Backend, Direction, FallbackRequired, check_finite, flat_to_params
@@ -563,20 +563,11 @@ class FactoredBackend(Backend):
 
         def use(rows: Tensor, params: list[Tensor], contributions: Any, layout: RowLayout):
             op = FactoredJacobian(params, contributions, layout)
-            width = max(1, min(columns, layout.rows))
-            sketch = range_finder(
-                op, width, power_iters, generator, probes, sketch_factor=sketch_factor
+            found = rank_k_step(
+                op, rows, params, filt, columns, power_iters, generator, probes, sketch_factor
             )
-            ritz = ritz_step(sketch, rows.detach(), filt)
-            step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
-            row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
-            extras = {
-                "sketch_residual": sketch.residual,
-                "sketch_columns": width,
-                "block_products": sketch.products,
-            }
-            solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
-            return Direction(step, solution, row_change, extras)
+            solution = SpectralSolution(found.singular_values, found.kept, "matfree")
+            return Direction(found.step, solution, found.row_change, found.extras)
 
         return self._with_factors(rows, params, captured, output, use)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..matfree import ParamBlock, range_finder, ritz_step
+from ..matfree import ParamBlock, rank_k_step
 from ..solve import SpectralFilter, SpectralSolution, jacobian_step
 from .base import Backend, Direction, check_finite, flat_to_params
 
@@ -162,19 +162,10 @@ class GenericBackend(Backend):
         params = list(params)
         rows = rows.reshape(-1)
         op = AutogradJacobian(rows, params, self.chunk_bytes)
-        width = max(1, min(columns, rows.numel()))
-        sketch = range_finder(op, width, power_iters, generator, probes)
-        ritz = ritz_step(sketch, rows.detach(), filt)
-        check_finite(torch.cat([s.reshape(-1) for s in ritz.step]), "the Sven step")
-        step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
-        row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
-        extras = {
-            "sketch_residual": sketch.residual,
-            "sketch_columns": width,
-            "block_products": sketch.products,
-        }
-        solution = SpectralSolution(ritz.singular_values, ritz.kept, "matfree")
-        return Direction(step, solution, row_change, extras)
+        found = rank_k_step(op, rows, params, filt, columns, power_iters, generator, probes)
+        check_finite(found.step, "the Sven step")
+        solution = SpectralSolution(found.singular_values, found.kept, "matfree")
+        return Direction(found.step, solution, found.row_change, found.extras)
 
 
 class AutogradJacobian:
