@@ -3,10 +3,7 @@
 # (one torch thread each), merged into benchmarks/full/ with one report, the plots and
 # the README's headline table. Sized for <= 30 minutes on a quiet 2-core machine:
 # the tasks shortened below say so in their JSON ("epochs") and in report.md.
-# Estimate (trial at load 12-14 with every task cut to 1-10% of these lengths, 32 min
-# per part, scaled by the lengths and by the ~10x slowdown measured at that load): about
-# 28 minutes per part on a quiet machine. If part B runs long, 'mgh-*=50' halves its
-# largest item.
+# Measured 2026-12-01 (commit acdfb88, load ~2): part A 416 s, part B 705 s, in parallel.
 #
 #   bash benchmarks/full/run.sh            (from the repository root, after `make install`)
 #
@@ -23,18 +20,18 @@ TRIAL=${TRIAL_EPOCHS:+,$TRIAL_EPOCHS}
 BENCH=.venv/bin/torchsven
 export OMP_NUM_THREADS=1
 
-# Part A: the paper's 1-D task at its full length (20 epochs, 10k samples: the largest
-# item, about 40% of the suite), diabetes (full length), digits-ce (20 -> 10 epochs) and
-# friedman1 (20 -> 5 epochs).
+# Part A: the paper's 1-D task (20 -> 10 epochs, 10k samples: the largest item; at 20
+# epochs part A alone takes ~25 min), diabetes (full length), digits-ce (20 -> 10 epochs)
+# and friedman1 (20 -> 5 epochs).
 PART_A=(--tasks regression-1d,diabetes,digits-ce,friedman1
-        --epochs "digits-ce=10,friedman1=5$TRIAL")
+        --epochs "regression-1d=10,digits-ce=10,friedman1=5$TRIAL")
 # Part B: digits-label (20 -> 5 epochs: its 10 rows per sample make sven-svd's generic
 # backend ~0.2 s per step), the PDEs (poisson-2d 200 -> 100 steps, poisson-5d 150 -> 30,
 # heat-1d 200 -> 60; sven-svd runs them on the generic backend at up to
 # ~0.5 s per step) and the eleven curve-fitting problems (100 iterations each, 3 starts:
-# x0, 10 x0, 100 x0).
+# x0, 10 x0, 100 x0; 100 -> 50 iterations).
 B_TASKS=digits-label,poisson-2d,poisson-5d,heat-1d,mgh
-B_EPOCHS=digits-label=5,poisson-2d=100,poisson-5d=30,heat-1d=60
+B_EPOCHS='digits-label=5,poisson-2d=100,poisson-5d=30,heat-1d=60,mgh-*=50'
 PART_B=(--tasks "$B_TASKS" --epochs "$B_EPOCHS$TRIAL")
 
 rm -rf "$OUT/part2" "$OUT/part-a" "$OUT/part-b" "$OUT"/*.png
