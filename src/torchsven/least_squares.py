@@ -765,6 +765,17 @@ def _state(x: Tensor, problem: _Problem, f_true: Tensor, cost: float, nit: int) 
 
 
 # ------------------------------------------------------------- MINPACK-style LM
+def _tolerance_status(ftol_hit: bool, xtol_hit: bool) -> int | None:
+    """scipy's status for the tolerance tests that fired: 4 both, 2 ftol, 3 xtol, else None."""
+    if ftol_hit and xtol_hit:
+        return 4
+    if ftol_hit:
+        return 2
+    if xtol_hit:
+        return 3
+    return None
+
+
 def _minpack_lm(
     problem: _Problem, x: Tensor, f_true: Tensor, lb: Tensor, ub: Tensor,
     ftol: float, xtol: float, gtol: float, scale_option: Tensor | str, loss: str,
@@ -859,13 +870,8 @@ def _minpack_lm(
             xnorm = float((diag * x).norm())
             ftol_hit = abs(rel_actual) <= ftol and rel_predicted <= ftol and 0.5 * ratio <= 1
             xtol_hit = delta <= xtol * xnorm
-            if ftol_hit and xtol_hit:
-                status = 4
-            elif ftol_hit:
-                status = 2
-            elif xtol_hit:
-                status = 3
-            elif problem.nfev >= max_nfev:
+            status = _tolerance_status(ftol_hit, xtol_hit)
+            if status is None and problem.nfev >= max_nfev:
                 status = 0
             if accepted or status is not None:
                 break
@@ -972,12 +978,7 @@ def _bounded_trf(
             step_norm = float(step.norm())
             ftol_hit = actual < ftol * cost and ratio > 0.25
             xtol_hit = step_norm < xtol * (xtol + float(x.norm()))
-            if ftol_hit and xtol_hit:
-                status = 4
-            elif ftol_hit:
-                status = 2
-            elif xtol_hit:
-                status = 3
+            status = _tolerance_status(ftol_hit, xtol_hit)
             if status is not None:
                 break
             if actual <= 0:
