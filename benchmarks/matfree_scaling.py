@@ -1,6 +1,6 @@
 """Scaling of rank-k Sven steps with the number of rows N (CPU, float32, 2 threads).
 
-Usage: PYTHONPATH=src python benchmarks/matfree_scaling.py [--quick] [--out PREFIX]
+Usage: PYTHONPATH=src python benchmarks/matfree_scaling.py [--quick] [--only lm] [--out PREFIX]
 
 Model: MLP 32-256-256-1 (tanh, float32, P = 74,497), N rows = N samples of
 random data. Each configuration runs in its own process (fresh memory
@@ -18,9 +18,13 @@ step's transient buffers). Methods:
 
 A quality table at N = 1024 gives the linearised decrease of ``0.5 ||r||^2`` of
 the matrix-free rank-64 step relative to the exact rank-64 step (three seeds
-of the sketch), and a tiny causal language model (``nn.TransformerEncoder``,
-per-token rows) takes matrix-free steps on the generic backend. Ratios are
-taken within one run; the machine load (``uptime``) is recorded with them.
+of the sketch), and a tiny GPT-2 (transformers, built from a config: vocab 64,
+width 64, 2 layers, 4 heads, T = 64, B = 256: N = 16384 per-token rows, float32)
+takes matrix-free rank-64 steps on the factored backend
+(``Sven(model, rank=64, randomized=True, power_iters=0, damping="adaptive")``)
+beside an AdamW step on the same batch. Ratios are taken within one run; the
+machine load (``uptime``) is recorded with them. ``--only lm`` runs the GPT-2
+part alone (into ``PREFIX_lm.json``).
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import time
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torchsven
 
@@ -136,88 +139,98 @@ def _decrease_ratio(n: int, power_iters: int, seed: int) -> float:
     return float(r @ jh - 0.5 * jh @ jh) / exact
 
 
-class TinyLM(nn.Module):
-    """GPT-like causal LM: token + position embeddings, pre-norm encoder layers, tied head."""
+VOCAB = 64
 
-    def __init__(
-        self, vocab: int = 64, d: int = 64, heads: int = 4, layers: int = 2, seq: int = 64
-    ):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.pos = nn.Parameter(0.02 * torch.randn(seq, d))
-        layer = nn.TransformerEncoderLayer(
-            d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d)
-        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seq))
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        h = self.embed(idx) + self.pos[:t]
-        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
-        return self.norm(h) @ self.embed.weight.T
+def _gpt2(seq: int) -> nn.Module:
+    """Tiny GPT-2 built from a config in code (no download): vocab 64, width 64, 2 layers,
+    4 heads, tied head, dropout off, float32."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=seq,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _tokens(batch: int, seq: int) -> torch.Tensor:
+    """(batch, seq + 1) sequences ``x_{t+1} = 5 x_t + 3 mod 64`` with 10% random tokens,
+    so that there is something to learn (a noisy bigram rule)."""
+    g = torch.Generator().manual_seed(1)
+    idx = torch.empty(batch, seq + 1, dtype=torch.long)
+    idx[:, 0] = torch.randint(0, VOCAB, (batch,), generator=g)
+    for t in range(seq):
+        idx[:, t + 1] = (5 * idx[:, t] + 3) % VOCAB
+    noise = torch.rand(batch, seq + 1, generator=g) < 0.1
+    return torch.where(noise, torch.randint(0, VOCAB, (batch, seq + 1), generator=g), idx)
 
 
 def _lm(batch: int, seq: int, timed: int, method: str) -> dict:
-    torch.manual_seed(0)
-    model = TinyLM(seq=seq)
-    g = torch.Generator().manual_seed(1)
-    # data: a noisy shifted copy task, so that there is something to learn
-    idx = torch.randint(0, 64, (batch, seq + 1), generator=g)
+    """Tiny GPT-2, per-token rows (batch, seq): N = batch x seq rows, seq per sequence."""
+    model = _gpt2(seq)
+    idx = _tokens(batch, seq)
     inputs, targets = idx[:, :-1], idx[:, 1:]
 
-    def losses() -> torch.Tensor:
-        # the math attention kernel has second derivatives (J Z by double backward)
-        with sdpa_kernel(SDPBackend.MATH):
-            logits = model(inputs)
-        return nn.functional.cross_entropy(
-            logits.reshape(-1, 64), targets.reshape(-1), reduction="none"
+    def losses() -> torch.Tensor:  # (batch, seq) next-token cross-entropy
+        logits = model(input_ids=inputs).logits
+        out = nn.functional.cross_entropy(
+            logits.reshape(-1, VOCAB), targets.reshape(-1), reduction="none"
         )
+        return out.reshape(batch, seq)
 
-    if method == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(losses().mean())
 
-        def step() -> float:
+    if method == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+        def step() -> None:
             opt.zero_grad()
-            loss = losses().mean()
-            loss.backward()
+            losses().mean().backward()
             opt.step()
-            return float(loss.detach())
     else:
         sven = torchsven.Sven(
-            model,
-            lr=0.5,
-            rank=RANK,
-            randomized=True,
-            power_iters=0,
-            backend="generic",
-            damping="adaptive",
+            model, lr=0.5, rank=RANK, randomized=True, power_iters=0, damping="adaptive"
         )
 
-        def step() -> float:
-            r = sven.step(lambda: torchsven.from_losses(losses()))
-            return float(r.detach().mean())
+        def step() -> None:
+            sven.step(lambda: torchsven.from_losses(losses().reshape(-1)).reshape(batch, seq))
 
+    first = mean_loss()
     start = _rss_mb()
-    first = step()
-    times, last = [], first
+    step()
+    times = []
     for _ in range(timed):
         t = time.perf_counter()
-        last = step()
+        step()
         times.append(time.perf_counter() - t)
     out = {
         "seconds": statistics.median(times),
         "peak_mb": _peak_mb() - start,
         "rows": batch * seq,
+        "seq": seq,
+        "steps": 1 + timed,
         "params": sum(p.numel() for p in model.parameters()),
         "first_mean_loss": first,
-        "last_mean_loss": last,
+        "last_mean_loss": mean_loss(),
     }
-    if method != "adam":
+    if method != "adamw":
         info = sven.last_step
         out.update(solver=info.solver, backend=info.backend, extras=dict(info.extras))
+        if info.backend != "factored":
+            raise RuntimeError(f"the GPT-2 step ran on the {info.backend} backend")
     return out
 
 
@@ -245,6 +258,7 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=8192)
     parser.add_argument("--q1-max", type=int, default=32768)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
+    parser.add_argument("--only", choices=["lm"], default=None, help="run one part alone")
     parser.add_argument(
         "--threads",
         type=int,
@@ -269,13 +283,28 @@ def main() -> None:
     sizes = [1024, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
     sizes = args.sizes or sizes
     results: dict = {"threads": THREADS, "rank": RANK, "rows": {}, "quality": {}, "lm": {}}
+    out = args.out + ("_lm" if args.only == "lm" else "")
 
     def save() -> None:  # after every result: a partial run still leaves its numbers
         results["load_after"] = _load()
-        with open(args.out + ".json", "w") as f:
+        with open(out + ".json", "w") as f:
             json.dump(results, f, indent=1)
-        with open(args.out + ".md", "w") as f:
+        with open(out + ".md", "w") as f:
             f.write(render(results))
+
+    def lm() -> None:
+        batch, seq = (32, 32) if args.quick else (256, 64)
+        for method in ("adamw", "sven"):
+            load = _load()
+            results["lm"][method] = _spawn("lm", str(batch), str(seq), "2", method)
+            results["lm"][method]["load_before"] = load
+            print("lm", method, results["lm"][method], flush=True)
+            save()
+
+    if args.only == "lm":
+        lm()
+        print(render(results))
+        return
 
     def run(n: int, method: str) -> None:
         timed = 3 if n <= 8192 else 1
@@ -294,11 +323,7 @@ def main() -> None:
         results["quality"][f"q{q}"] = ratios
         print("quality", q, ratios, flush=True)
         save()
-    batch, seq = (32, 32) if args.quick else (256, 64)
-    for method in ("adam", "sven"):
-        results["lm"][method] = _spawn("lm", str(batch), str(seq), "1", method)
-        print("lm", method, results["lm"][method], flush=True)
-        save()
+    lm()
     for n in sizes:  # last: the N x N Gram matrix is the slow part of the table
         if n <= args.exact_max:
             run(n, "exact")
@@ -316,6 +341,8 @@ def render(results: dict) -> str:
         "| load |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if not results["rows"]:
+        lines = []
     for n, row in results["rows"].items():
         sgd = row["sgd"]
         cells = [n, f"{1e3 * sgd['seconds']:.0f}", f"{sgd['peak_mb']:.0f}"]
@@ -328,24 +355,29 @@ def render(results: dict) -> str:
             cells.append(f"{res['peak_mb'] / max(sgd['peak_mb'], 1.0):.1f}x ({res['peak_mb']:.0f})")
         cells.append(row["load_before"].strip("()").split(",")[0])
         lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "Linearised decrease of 0.5 ||r||^2, rank-64 matrix-free step / exact rank-64 step,"
-        " N = 1024, three sketch seeds:",
-        "",
-    ]
+    if results["quality"]:
+        lines += [
+            "",
+            "Linearised decrease of 0.5 ||r||^2, rank-64 matrix-free step / exact rank-64 step,"
+            " N = 1024, three sketch seeds:",
+            "",
+        ]
     for q, ratios in results["quality"].items():
         lines.append(f"- power_iters={q[1:]}: " + ", ".join(f"{r:.3f}" for r in ratios))
     lm = results.get("lm", {})
-    if lm.get("sven") and "seconds" in lm["sven"]:
-        sv, ad = lm["sven"], lm["adam"]
+    sv, ad = lm.get("sven", {}), lm.get("adamw", {})
+    if "seconds" in sv and "seconds" in ad:
         lines += [
             "",
-            f"Tiny causal LM (nn.TransformerEncoder, P = {sv['params']}), per-token rows"
-            f" N = {sv['rows']}, generic backend, rank 64, power_iters=0, adaptive damping:"
-            f" {sv['seconds']:.1f} s per step ({sv['seconds'] / ad['seconds']:.0f}x an Adam"
-            f" step), peak +{sv['peak_mb']:.0f} MB (Adam +{ad['peak_mb']:.0f} MB); mean token"
-            f" loss {sv['first_mean_loss']:.3f} -> {sv['last_mean_loss']:.3f} after 2 steps.",
+            f"Tiny GPT-2 (transformers, vocab 64, width 64, 2 layers, 4 heads, P = {sv['params']},"
+            f" float32), per-token rows N = {sv['rows']} (T = {sv['seq']} per sequence),"
+            f" {sv['backend']} backend, rank 64 ({sv['solver']}, power_iters=0, adaptive"
+            f" damping), {results['threads']} threads: {sv['seconds']:.1f} s per step"
+            f" ({sv['seconds'] / ad['seconds']:.0f}x an AdamW step of {ad['seconds']:.2f} s),"
+            f" peak +{sv['peak_mb']:.0f} MB (AdamW +{ad['peak_mb']:.0f} MB); mean token loss"
+            f" {sv['first_mean_loss']:.3f} -> {sv['last_mean_loss']:.3f} after {sv['steps']}"
+            f" steps (AdamW {ad['first_mean_loss']:.3f} -> {ad['last_mean_loss']:.3f});"
+            f" load {float(sv['load_before'].strip('()').split(',')[0]):.2f}.",
         ]
     lines.append("")
     lines.append(f"Load average (1, 5, 15 min) at the end: {results['load_after']}")

@@ -229,6 +229,9 @@ class Recorder:
         self._stack: list[int] = []
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
+        #: (id(call), leaf index) -> (S, passes, ...) buffer of the passes' output gradients
+        #: and the passes written into it so far (the others are zeroed at the end)
+        self._pass_buffers: dict[tuple[int, int], tuple[Tensor, set[int]]] = {}
         self._names = self.plan.names
         self._owned = self.plan.owned
         self._subtree = self.plan.subtree
@@ -280,6 +283,7 @@ class Recorder:
         for h in self._tensor_handles:
             h.remove()
         self._tensor_handles.clear()
+        self._pass_buffers.clear()
         self.calls.clear()
 
     # --------------------------------------------------------------- hooks
@@ -341,11 +345,46 @@ class Recorder:
                 slot = call.grads[index]
                 if len(slot) < self.passes:
                     slot.extend([None] * (self.passes - len(slot)))
-                slot[self.pass_index] = (
-                    g if slot[self.pass_index] is None else slot[self.pass_index] + g
-                )
+                j = self.pass_index
+                if self.passes > 1 and self._into_buffer((id(call), index), slot, j, g):
+                    return
+                slot[j] = g if slot[j] is None else slot[j] + g
 
         return hook
+
+    def _into_buffer(self, key: tuple[int, int], slot: list[Tensor | None], j: int, g: Tensor):
+        """Add pass j's output gradient g (S, ...) into the leaf's (S, passes, ...) buffer,
+        whose slices ``buf[:, k]`` are the slot's entries, so that the m passes are
+        stacked without a copy (:meth:`RowLayout.grads_to_rows`); False (nothing
+        stored) when the slot already holds tensors of its own."""
+        entry = self._pass_buffers.get(key)
+        if entry is None:
+            if any(t is not None for t in slot):
+                return False
+            buf = g.new_empty(g.shape[0], len(slot), *g.shape[1:])
+            entry = self._pass_buffers[key] = (buf, set())
+            slot[:] = [buf[:, k] for k in range(len(slot))]
+        target, written = slot[j], entry[1]
+        fits = target is not None and target.shape == g.shape and target.dtype == g.dtype
+        if j not in written:
+            if fits:
+                target.copy_(g)
+            else:  # not the buffer's shape: the pass keeps its own tensor (stacked later)
+                slot[j] = g
+            written.add(j)
+        elif fits and target._base is entry[0]:
+            target.add_(g)
+        else:
+            slot[j] = target + g
+        return True
+
+    def close_buffers(self) -> None:
+        """After the passes: zero the buffers' slices of passes that wrote nothing."""
+        for buf, written in self._pass_buffers.values():
+            for k in range(buf.shape[1]):
+                if k not in written:
+                    buf[:, k].zero_()
+        self._pass_buffers.clear()
 
 
 def _compile_note(model: nn.Module, rows: Tensor) -> str:
@@ -702,6 +741,7 @@ class FactoredBackend(Backend):
             grads = self._backward(rows, params, weights)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
         recorder.active = recorder.armed = False
+        recorder.close_buffers()  # the slots hold the buffers' slices
         assert total is not None
         return total
 
@@ -766,6 +806,8 @@ class FactoredBackend(Backend):
                 term = self._term(calls, layout)
             except TermError as exc:
                 raise FallbackRequired(f"module '{first.name}': {exc}") from exc
+            for call in calls:  # the term holds what it needs: drop the per-pass gradients
+                call.grads = [[None] * len(slot) for slot in call.grads]
             for name, p in first.covers.items():
                 contributions.setdefault(id(p), []).append((term, name, first.name))
         return contributions
@@ -792,7 +834,7 @@ class FactoredBackend(Backend):
             ]
             a = torch.cat([p[0] for p in parts], dim=1)
             g = torch.cat([p[1] for p in parts], dim=1)
-            return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost)
+            return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost, layout.outputs)
         if first.kind in ("linear", "conv"):
             parts = [
                 linear_factors(c.input(), layout, gp, o)
@@ -807,8 +849,10 @@ class FactoredBackend(Backend):
                 mask = torch.cat(
                     [_bias_positions(c, p[0].shape[1]) for c, p in zip(calls, parts, strict=True)]
                 ).to(a.device)
-                return ChannelBiasLinearTerm(a, g, covers, weight, bias, mask, self.ghost)
-            return LinearLikeTerm(a, g, covers, weight, bias, self.ghost)
+                return ChannelBiasLinearTerm(
+                    a, g, covers, weight, bias, mask, self.ghost, layout.outputs
+                )
+            return LinearLikeTerm(a, g, covers, weight, bias, self.ghost, layout.outputs)
         if first.kind == "embedding":
             if module.scale_grad_by_freq:
                 raise TermError("scale_grad_by_freq couples samples")

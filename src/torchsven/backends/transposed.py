@@ -32,6 +32,8 @@ def is_transposed_linear(module: nn.Module) -> bool:
 class TransposedLinearTerm(LinearLikeTerm):
     """:class:`LinearLikeTerm` for a weight stored as (d_in, d_out)."""
 
+    weight_transposed = True
+
     def __init__(
         self,
         a: Tensor,
@@ -40,11 +42,12 @@ class TransposedLinearTerm(LinearLikeTerm):
         weight_name: str | None,
         bias_name: str | None,
         ghost: str | bool = "auto",
+        outputs: int = 1,
     ) -> None:
         shaped = dict(params)
         if weight_name is not None:  # the parent reshapes to (d_out, d_in)
             shaped[weight_name] = params[weight_name].detach().mT
-        super().__init__(a, g, shaped, weight_name, bias_name, ghost)
+        super().__init__(a, g, shaped, weight_name, bias_name, ghost, outputs)
 
     def per_row(self, names: Sequence[str]) -> dict[str, Tensor]:
         out = super().per_row(names)

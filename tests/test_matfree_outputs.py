@@ -1,0 +1,261 @@
+"""Matrix-free block products with several rows per sample (per-token rows).
+
+With m > 1 rows per sample the Linear-like terms keep their input factor per
+sample (S, T, q, dk) and never build the m times larger row form in the block
+products. Everything is compared with the dense float64 Jacobian
+(tests/reference.py) and, per term, with the same products on the row form
+(the input repeated for each of the sample's rows, one row per "sample"), whose
+code is the column-by-column path of the ordinary case.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+
+import torchsven
+from torchsven.backends import layers
+from torchsven.backends.factored import FactoredBackend, FactoredJacobian
+from torchsven.backends.layers import LinearLikeTerm, block_j, block_jt, block_sketch
+
+from .reference import dense_jacobian, flat, reference_step, rel_err
+
+TOL = 1e-10
+_F64 = torch.float64
+transformers.logging.set_verbosity_error()
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _gpt2(seed: int = 0) -> tuple[nn.Module, object]:
+    """Tiny float64 GPT-2 (Conv1D projections, tied head); rows (B, T): one per token."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=11,
+        n_positions=8,
+        n_embd=4,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = transformers.GPT2LMHeadModel(config).double()
+    ids = torch.randint(0, 11, (2, 5), generator=_gen(seed + 1))
+
+    def rows() -> Tensor:  # (2, 4): N = 8 rows, 4 per sequence
+        logits = model(input_ids=ids[:, :-1]).logits
+        losses = F.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1), reduction="none")
+        return torchsven.from_losses(losses).reshape(2, 4)
+
+    return model, rows
+
+
+class _ConvLinear(nn.Module):
+    """Conv1d, grouped Conv1d, then a Linear per position: (S, 3, 5) -> (S, 5 x 2) rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.grouped = nn.Conv1d(4, 4, 3, padding=1, groups=2, bias=False)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.grouped(torch.tanh(self.conv(x))))
+        return self.head(h.transpose(1, 2)).reshape(x.shape[0], -1)
+
+
+def _convlinear(seed: int = 0) -> tuple[nn.Module, object]:
+    torch.manual_seed(seed)
+    model = _ConvLinear().double()
+    x = torch.randn(3, 3, 5, generator=_gen(seed + 1), dtype=_F64)
+    y = torch.randn(3, 10, generator=_gen(seed + 2), dtype=_F64)
+    return model, lambda: model(x) - y
+
+
+CASES = {"gpt2": _gpt2, "convlinear": _convlinear}
+
+
+def _with_operator(model: nn.Module, rows_fn, use):
+    """``use(op, params, terms)`` on the factored backend's checked factors of one step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    backend = FactoredBackend(model)
+    with backend.capture(params) as captured, torch.enable_grad():
+        out = rows_fn()
+
+    def inner(rows, params, contributions, layout):
+        assert layout.outputs == out.shape[1] > 1
+        terms = {id(t): t for c in contributions.values() for t, _, _ in c}
+        linear = [t for t in terms.values() if isinstance(t, LinearLikeTerm)]
+        return use(FactoredJacobian(params, contributions, layout), params, linear)
+
+    return backend._with_factors(out.reshape(-1), params, captured, out, inner)
+
+
+def _blocks(z: Tensor, params: list[Tensor]) -> list[Tensor]:
+    out, offset = [], 0
+    for p in params:
+        out.append(z[:, offset : offset + p.numel()].reshape(z.shape[0], *p.shape))
+        offset += p.numel()
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_block_products_with_several_rows_per_sample_match_dense_jacobian(kind):
+    model, rows_fn = CASES[kind]()
+    params = [p for p in model.parameters() if p.requires_grad]
+    jac, _ = dense_jacobian(rows_fn, params)
+    n, p = jac.shape
+    v = torch.randn(n, 3, generator=_gen(4), dtype=_F64)
+    z = torch.randn(3, p, generator=_gen(5), dtype=_F64)
+
+    def use(op, params, linear):
+        jt = torch.cat([t.reshape(3, -1).to(_F64) for t in op.jt(v)], dim=1)
+        jz = op.j(_blocks(z, params))
+        sk = op.sketch(6, _gen(6))
+        # the products never built the m times larger row form of the inputs
+        built = [t for t in linear if t._a_rows is not None]
+        return jt, jz, sk, len(linear), built
+
+    jt, jz, sk, n_linear, built = _with_operator(model, rows_fn, use)
+    assert n_linear >= 3 and not built
+    assert rel_err(jt, v.T @ jac) < TOL
+    assert rel_err(jz, jac @ z.T) < TOL
+    u, s, _ = torch.linalg.svd(jac, full_matrices=False)
+    u = u[:, s > 1e-10 * s[0]]
+    assert rel_err(u @ (u.T @ sk), sk) < TOL and float(sk.norm()) > 0
+
+
+def _row_form(term: LinearLikeTerm) -> LinearLikeTerm:
+    """The same term with the input repeated per row and one row per sample."""
+    twin = object.__new__(type(term))
+    twin.__dict__.update(term.__dict__)
+    twin.a_samples = twin._a_rows = term.a  # builds the row form
+    twin.outputs = 1
+    twin._materialised = None
+    return twin
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+def test_per_sample_products_equal_the_row_form_term_by_term(kind):
+    """Per term: jt, j, the Kronecker sketch (same draws) and ``weighted`` of the per-sample
+    form equal those of the row form (the column-by-column path)."""
+    model, rows_fn = CASES[kind]()
+
+    def use(op, params, linear):
+        worst = 0.0
+        for term in linear:
+            names = [n for n in (term.weight_name, term.bias_name) if n is not None]
+            rows = term.g.shape[0]
+            v = torch.randn(rows, 4, generator=_gen(7), dtype=_F64)
+            z = {
+                n: torch.randn(4, *term.params[n].shape, generator=_gen(8), dtype=_F64)
+                for n in names
+            }
+            if term.weight_transposed:  # Z in the stored (d_in, d_out) layout
+                z[term.weight_name] = z[term.weight_name].mT.contiguous()
+            got_jt = block_jt(term, names, v)
+            got_j = block_j(term, names, z)
+            got_sk = block_sketch(term, names, 5, _gen(9))
+            got_w = term.weighted(names, v[:, 0])
+            assert term._a_rows is None
+            twin = _row_form(term)
+            assert twin.a.shape[0] == rows == term.a_samples.shape[0] * term.outputs
+            ref_jt = block_jt(twin, names, v)
+            for n in names:
+                worst = max(worst, rel_err(got_jt[n], ref_jt[n]))
+            worst = max(worst, rel_err(got_j, block_j(twin, names, z)))
+            worst = max(worst, rel_err(got_sk, block_sketch(twin, names, 5, _gen(9))))
+            ref_w = twin.weighted(names, v[:, 0])
+            for n in names:
+                worst = max(worst, rel_err(got_w[n], ref_w[n]))
+        return worst, len(linear)
+
+    worst, n_linear = _with_operator(model, rows_fn, use)
+    assert n_linear >= 3 and worst < 1e-12
+
+
+def test_per_sample_products_in_chunks_of_one_sample(monkeypatch):
+    """Chunks of one sample (all its rows) give the same products."""
+    model, rows_fn = _gpt2()
+    params = [p for p in model.parameters() if p.requires_grad]
+    v = torch.randn(8, 3, generator=_gen(10), dtype=_F64)
+    z = torch.randn(3, sum(p.numel() for p in params), generator=_gen(11), dtype=_F64)
+
+    def use(op, params, linear):
+        jt = torch.cat([t.reshape(3, -1) for t in op.jt(v)], dim=1)
+        return jt, op.j(_blocks(z, params)), op.sketch(5, _gen(12))
+
+    full = _with_operator(model, rows_fn, use)
+    monkeypatch.setattr(layers, "BLOCK_CHUNK_ELEMS", 1)
+    chunked = _with_operator(model, rows_fn, use)
+    for a, b in zip(chunked, full, strict=True):
+        assert rel_err(a, b) < 1e-13
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+def test_matfree_step_with_several_rows_per_sample_equals_exact(kind, damping):
+    """Columns >= rank(J): the factored matrix-free step is the exact filtered step."""
+    model, rows_fn = CASES[kind]()
+    ref_model, ref_rows = CASES[kind]()
+    ref_params = [p for p in ref_model.parameters() if p.requires_grad]
+    jac, r = dense_jacobian(ref_rows, ref_params)
+    rank = min(jac.shape)
+    expected, kept, _ = reference_step(jac, r, rank=rank, damping=damping)
+    opt = torchsven.Sven(model, lr=1.0, rank=rank, randomized=True, oversample=4, damping=damping)
+    before = flat(list(model.parameters()))
+    opt.step(rows_fn)
+    info = opt.last_step
+    assert info.backend == "factored" and info.solver == "matfree"
+    assert info.kept == kept
+    assert rel_err(before - flat(list(model.parameters())), expected) < TOL
+
+
+@pytest.mark.parametrize("kind", sorted(CASES))
+@pytest.mark.parametrize("ghost", [True, False])
+def test_gram_step_with_several_rows_per_sample_equals_exact(kind, ghost):
+    """The Gram path on the same terms (ghost form on the row form of A; materialised
+    per-row gradients from the per-sample form) still gives the exact step."""
+    from torchsven.solve import SpectralFilter
+
+    model, rows_fn = CASES[kind]()
+    params = [p for p in model.parameters() if p.requires_grad]
+    jac, r = dense_jacobian(rows_fn, params)
+    expected, kept, _ = reference_step(jac, r, damping=1e-3)
+    backend = FactoredBackend(model, ghost=ghost)
+    with backend.capture(params) as captured, torch.enable_grad():
+        out = rows_fn()
+    direction = backend.direction(
+        out.reshape(-1), params, SpectralFilter(damping=1e-3), captured, out
+    )
+    assert rel_err(flat(direction.step), expected) < TOL
+    assert direction.solution.kept == kept
+
+
+def test_passes_stacked_from_one_buffer_without_a_copy():
+    """The recorder's buffer (S, m, ...) of the m passes is the stacked gradient itself."""
+    layout = layers.RowLayout(samples=3, rows=6, outputs=2)
+    like = torch.zeros(3, 4, 5, dtype=_F64)
+    buf = torch.randn(3, 2, 4, 5, generator=_gen(13), dtype=_F64)
+    got = layout.grads_to_rows([buf[:, 0], buf[:, 1]], like)
+    expected = torch.stack([buf[:, 0].clone(), buf[:, 1].clone()], dim=1).reshape(6, 1, 4, 5)
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, expected)
+    # passes out of order, separate tensors or a missing pass: stacked by a copy
+    for parts in ([buf[:, 1], buf[:, 0]], [buf[:, 0].clone(), buf[:, 1]], [None, buf[:, 1]]):
+        got = layout.grads_to_rows(parts, like)
+        filled = [torch.zeros_like(like) if p is None else p for p in parts]
+        assert got.data_ptr() != buf.data_ptr()
+        assert torch.equal(got, torch.stack(filled, dim=1).reshape(6, 1, 4, 5))
