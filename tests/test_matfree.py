@@ -12,7 +12,7 @@ import torch
 
 import torchsven
 from torchsven.backends.factored import FactoredBackend, FactoredJacobian
-from torchsven.backends.generic import GenericBackend
+from torchsven.backends.generic import AutogradJacobian, GenericBackend
 from torchsven.matfree import (
     ReducedOperator,
     dense_operator,
@@ -290,7 +290,7 @@ def matfree_collective(rank: int, world: int) -> dict:
         dist.all_reduce(t, group=dist_harness.group())
         return t
 
-    op = ReducedOperator(dense_operator(jac[rows]), reduce)
+    op = ReducedOperator(dense_operator(jac[rows]), reduce, [jac[0]])
     sketch = range_finder(op, 9, 1, _gen(14), reduce=reduce, sketch_factor=2.0)
     out = ritz_step(sketch, r[rows], SpectralFilter(rank=7, damping=1e-3), reduce=reduce)
     return {"step": out.step[0].tolist(), "kept": out.kept, "residual": sketch.residual}
@@ -305,3 +305,176 @@ def test_collective_block_products_equal_one_process():
         assert status == "ok", out
         assert rel_err(torch.tensor(out["step"], dtype=_F64), expected) < TOL
         assert out["kept"] == kept and out["residual"] < 1e-10
+
+
+# ------------------------------------------------- Sven(randomized=True, process_group)
+#: global rows of the collective Sven runs (2 outputs per sample), split unevenly
+SPLIT = [5, 9]
+#: Sven options per run: l >= N (exact step), truncated with power iterations, adaptive
+SVEN_RUNS = {
+    "factored-full": {"backend": "factored", "rank": 28, "oversample": 0, "damping": 0.0},
+    "generic-full": {"backend": "generic", "rank": 28, "oversample": 0, "damping": 0.0},
+    "factored-rank6": {"backend": "factored", "rank": 6, "power_iters": 1, "damping": 0.0},
+    "generic-rank6": {"backend": "generic", "rank": 6, "power_iters": 1, "damping": 0.0},
+    "adaptive": {"backend": "factored", "rank": 6, "damping": "adaptive", "lr": 1.5},
+}
+
+
+def _sven_case():
+    return mlp(n=sum(SPLIT), d_in=3, width=6, d_out=2, seed=21)
+
+
+def sven_matfree_run(rows: slice, options: dict, group=None) -> dict:
+    """Three matrix-free Sven steps on ``rows`` of the case (``group``: data parallel)."""
+    case = _sven_case()
+    kwargs = {"lr": 0.5, "randomized": True, "rtol": 1e-4, **options}
+    opt = torchsven.Sven(case.model, process_group=group, **kwargs)
+    history, infos = [], []
+    for _ in range(3):
+        opt.step(lambda: case.model(case.inputs[rows]) - case.targets[rows])
+        info = opt.last_step
+        history.append(flat(case.model.parameters()).tolist())
+        infos.append(
+            {
+                "backend": info.backend,
+                "solver": info.solver,
+                "rows": info.rows,
+                "loss": info.loss,
+                "kept": info.kept,
+                "extras": {k: v for k, v in info.extras.items() if not isinstance(v, dict)},
+            }
+        )
+    return {"history": history, "infos": infos}
+
+
+def _local_rows(rank: int, world: int) -> slice:
+    if world == 1:
+        return slice(None)
+    start = sum(SPLIT[:rank])
+    return slice(start, start + SPLIT[rank])
+
+
+@dist_harness.check
+def sven_matfree(rank: int, world: int) -> dict:
+    group = dist_harness.group()
+    return {
+        name: sven_matfree_run(_local_rows(rank, world), options, group)
+        for name, options in SVEN_RUNS.items()
+    }
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """Identity whose backward refuses to build a graph (J Z needs double backward)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("no double backward through this function")
+        return grad
+
+
+@dist_harness.check
+def sven_matfree_failure(rank: int, world: int) -> dict:
+    """Rank 1's rows have no double backward: every rank stops, nothing changes."""
+    case = _sven_case()
+    opt = torchsven.Sven(
+        case.model,
+        rank=4,
+        randomized=True,
+        backend="generic",
+        damping=0.0,
+        process_group=dist_harness.group(),
+    )
+    rows = _local_rows(rank, world)
+    before = flat(case.model.parameters())
+
+    def closure():
+        out = case.model(case.inputs[rows]) - case.targets[rows]
+        return _OnceDifferentiable.apply(out) if rank == 1 else out
+
+    try:
+        opt.step(closure)
+        raised = None
+    except Exception as exc:
+        raised = (type(exc).__name__, str(exc))
+    unchanged = bool(torch.equal(before, flat(case.model.parameters())))
+    return {"raised": raised, "unchanged": unchanged, "steps": len(opt.state_dict()["state"])}
+
+
+@pytest.mark.slow
+def test_randomized_sven_with_process_group_equals_one_process():
+    """2 ranks (rows 5 + 9) = one process (world 1, the same collective code) to 1e-10;
+    bit-identical parameters on both ranks; l >= N: the exact step of the dense twin;
+    the factored run also equals the single-process (no process_group) optimizer."""
+    plan = [(1, ["sven_matfree"]), (2, ["sven_matfree", "sven_matfree_failure"])]
+    results = dist_harness.run_ranks(2, __name__, plan)
+    (one,) = [r["sven_matfree"] for r in results[1]]
+    assert one[0] == "ok", one[1]
+    pair = []
+    for res in results[2]:
+        assert res["sven_matfree"][0] == "ok", res["sven_matfree"][1]
+        pair.append(res["sven_matfree"][1])
+    single = {name: sven_matfree_run(slice(None), SVEN_RUNS[name]) for name in SVEN_RUNS}
+    for name, options in SVEN_RUNS.items():
+        for t in range(3):
+            assert pair[0][name]["history"][t] == pair[1][name]["history"][t], (name, t)
+            got = torch.tensor(pair[0][name]["history"][t], dtype=_F64)
+            ref = torch.tensor(one[1][name]["history"][t], dtype=_F64)
+            assert rel_err(got, ref) <= 1e-10, (name, t)
+            info = pair[0][name]["infos"][t]
+            assert info["solver"] == "matfree" and info["rows"] == 2 * sum(SPLIT)
+            assert info["backend"] == options["backend"]
+            assert info["extras"]["world_size"] == 2 and info["extras"]["bytes_reduced"] > 0
+        if options["backend"] == "factored":  # same sketch as the optimizer without a group
+            got = torch.tensor(pair[0][name]["history"][-1], dtype=_F64)
+            ref = torch.tensor(single[name]["history"][-1], dtype=_F64)
+            assert rel_err(got, ref) <= 1e-9, name
+    # l >= N: every step is the exact step of the dense twin
+    for name in ("factored-full", "generic-full"):
+        case = _sven_case()
+        params = list(case.model.parameters())
+        for t in range(3):
+            jac, r = dense_jacobian(case.residuals, params)
+            step, kept, _ = reference_step(jac, r, rtol=1e-4)
+            with torch.no_grad():
+                for p, s in zip(params, step.split([p.numel() for p in params]), strict=True):
+                    p -= 0.5 * s.view_as(p)
+            got = torch.tensor(pair[0][name]["history"][t], dtype=_F64)
+            assert rel_err(got, flat(params)) <= TOL, (name, t)
+            assert pair[0][name]["infos"][t]["kept"] == kept
+    accepted = [i["extras"]["accepted"] for i in pair[0]["adaptive"]["infos"]]
+    assert accepted == [i["extras"]["accepted"] for i in single["adaptive"]["infos"]]
+    failures = [res["sven_matfree_failure"] for res in results[2]]
+    for rank, (status, out) in enumerate(failures):
+        assert status == "ok", out
+        assert out["unchanged"] and out["raised"] is not None, (rank, out)
+        kind, message = out["raised"]
+        if rank == 1:
+            assert kind == "RuntimeError" and "no double backward" in message
+        else:
+            assert kind == "DistributedStepError" and "rank(s) [1]" in message
+            assert "matrix-free block products" in message
+
+
+def test_autograd_products_refuse_a_backward_without_a_graph():
+    """A once-differentiable Function cuts J^T u from u: J Z must raise, not return zeros."""
+
+    class Cut(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            return grad
+
+    case = mlp(n=6, d_out=2)
+    params = case.params()
+    op = AutogradJacobian(Cut.apply(case.residuals()).reshape(-1), params, 1 << 26)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        op.j([torch.ones(1, *p.shape, dtype=_F64) for p in params])

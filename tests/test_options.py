@@ -648,6 +648,7 @@ def test_globalized_steps_combine_with_direction_options_only():
     with pytest.raises(ValueError, match=r"cannot be combined with process_group"):
         check_compatible(make_config(param_fraction=0.5), True, distributed=True)
     check_compatible(make_config(spectrum_every=3), True, distributed=True)
+    check_compatible(make_config(rank=4, randomized=True), True, distributed=True)
 
     opt = torchsven.Sven(case.model, damping="adaptive", spectrum_every=2)
     for _ in range(3):

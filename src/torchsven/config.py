@@ -417,14 +417,13 @@ def check_compatible(config: SvenConfig, has_model: bool, distributed: bool) -> 
                 ("precondition='pre'", c.precondition == "pre"),
                 ("variable_rank", c.variable_rank),
                 ("param_fraction < 1", c.masked),
-                ("randomized", c.randomized),
             )
             if on
         ]
         if refused:
             raise ValueError(
                 f"{', '.join(refused)} cannot be combined with process_group (distributed "
-                "Sven) yet; precondition='post', momentum and spectrum_every can"
+                "Sven) yet; precondition='post', momentum, randomized and spectrum_every can"
             )
     if c.needs_generic and c.backend not in ("auto", "generic"):
         raise ValueError(

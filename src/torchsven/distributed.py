@@ -20,7 +20,16 @@ Each of R ranks holds N_r residual rows (its local batch). A step with
    the step (P);
 4. rank 0 broadcasts a header (verdict, kept, solver) before any result, and
    the global rows with the singular values, so every rank applies the same
-   update bit for bit and reports global diagnostics.
+   update bit for bit and reports global diagnostics;
+5. ``randomized=True`` (matrix-free rank-k steps, :mod:`torchsven.matfree`):
+   nothing is gathered but rows. Every rank wraps its local block products
+   (from its factors, or by autograd on the generic backend) in a
+   :class:`~torchsven.matfree.ReducedOperator`: each ``J^T V`` is one
+   all-reduce of a parameter block, the sketch draws the same test block on
+   every rank (equal generator states), and orthonormalisation is Cholesky QR
+   with one all-reduce of an (l, l) matrix. The step comes from reduced
+   quantities only, so it is bit-identical on every rank; rows and ``J step``
+   are all-gathered at the end with every rank's status.
 
 Every branch (an error on any rank, non-finite rows or Jacobian, a fallback,
 a failed solve, a globalised step's trial calls) is decided from collective
@@ -49,8 +58,10 @@ from torch import Tensor, nn
 
 from .backends.assembly import GramAssembly
 from .backends.base import Backend, FallbackRequired, flat_to_params
-from .backends.generic import GenericBackend, jacobian
+from .backends.factored import SKETCH_FACTOR, FactoredJacobian
+from .backends.generic import AutogradJacobian, GenericBackend, jacobian
 from .errors import NonFiniteError
+from .matfree import JacobianOperator, ProductFailed, ReducedOperator, rank_k_step
 from .microbatch import group_rows
 from .pipeline.context import StepContext
 from .pipeline.evaluate import (
@@ -361,6 +372,8 @@ class CollectiveEvaluator:
         comm.local_rows = n_rows
         filt = ctx.filter
         with torch.enable_grad():  # the backends' autograd calls, also under no_grad()
+            if ctx.config.randomized and params:
+                return self._matfree_evaluate(ctx, out, rows, sizes, captured)
             outcome, used = None, self.generic.name
             if self.primary is not self.generic and params:
                 outcome = self._factored_solve(ctx, rows, sizes, captured, out, filt)
@@ -629,6 +642,97 @@ class CollectiveEvaluator:
             release = getattr(captured, "release", None)
             if release is not None:
                 release()
+
+    # ------------------------------------------------------------ matrix-free path
+    def _matfree_evaluate(
+        self, ctx: StepContext, out: Any, rows: Tensor, sizes: Tensor, captured: Any
+    ) -> Evaluation:
+        """Matrix-free rank-k step over the ranks (module docstring, step 5)."""
+        comm, params, cfg = self.collective, ctx.params, ctx.config
+        assert cfg.rank is not None
+        rows = rows.reshape(-1)
+        found, error = None, None
+        try:
+            local, used = self._block_operator(ctx, rows, captured, out)
+            op = ReducedOperator(local, comm.all_reduce, params)
+            try:
+                found = rank_k_step(
+                    op,
+                    rows,
+                    params,
+                    ctx.filter,
+                    cfg.rank + cfg.oversample,
+                    cfg.power_iters,
+                    ctx.generator,
+                    sketch_factor=SKETCH_FACTOR if used == self.primary.name else 1.0,
+                    reduce=comm.all_reduce,
+                    total_rows=int(sizes.sum()),
+                )
+            except ProductFailed:  # op.error is set on the rank(s) that raised
+                pass
+            except Exception as exc:  # from reduced data: raised alike on every rank
+                error = exc
+        finally:
+            release = getattr(captured, "release", None)
+            if release is not None:
+                release()
+        error = op.error or error
+        height = int(sizes.max())
+        payload = torch.zeros(1 + 2 * height, dtype=torch.float64, device=comm.device)
+        payload[0] = _RAISED if error is not None else _OK
+        if found is not None:
+            n = rows.numel()
+            payload[1 : n + 1] = rows.detach().to(torch.float64)
+            payload[1 + height : 1 + height + n] = found.row_change
+        table = comm.all_gather(payload)
+        comm.raise_if_raised(
+            table[:, 0].to(torch.int64).tolist(), error, "the matrix-free block products"
+        )
+        assert found is not None
+        if not all(bool(torch.isfinite(t).all()) for t in found.step):
+            raise NonFiniteError(
+                "the matrix-free Sven step contains NaN or Inf (the Jacobian of the residual "
+                "rows has non-finite entries); the step was not taken on any rank and nothing "
+                "was changed"
+            )
+        counts = sizes.tolist()
+        global_rows = torch.cat([table[i, 1 : n + 1] for i, n in enumerate(counts)])
+        row_change = torch.cat(
+            [table[i, 1 + height : 1 + height + n] for i, n in enumerate(counts)]
+        )
+        solution = SpectralSolution(found.singular_values, found.kept, "matfree")
+        return Evaluation(
+            out, global_rows, found.step, solution, row_change, used, extras=dict(found.extras)
+        )
+
+    def _block_operator(
+        self, ctx: StepContext, rows: Tensor, captured: Any, out: Any
+    ) -> tuple[JacobianOperator, str]:
+        """This rank's block products: from its factors when every rank has them
+        (same layer structure), else by autograd on every rank (one agreement)."""
+        comm, params = self.collective, ctx.params
+        if self.primary is not self.generic:
+            code, reason, fingerprint = _OK, "", 0.0
+            error: Exception | None = None
+            local: JacobianOperator | None = None
+            try:
+                contributions, layout = self.primary._factors(rows, params, captured, out)
+                local = FactoredJacobian(params, contributions, layout)
+                fingerprint = GramAssembly.of(contributions, params).fingerprint()
+            except FallbackRequired as why:
+                code, reason = _FALLBACK, why.reason
+            except Exception as exc:  # reported to every rank below
+                error, code = exc, _RAISED
+            table = comm.all_gather(
+                torch.tensor([code, fingerprint], dtype=torch.float64, device=comm.device)
+            )
+            status = table[:, 0].to(torch.int64).tolist()
+            comm.raise_if_raised(status, error, "the factored backend")
+            if _FALLBACK not in status and not bool((table[:, 1] != table[0, 1]).any()):
+                assert local is not None
+                return local, self.primary.name
+            self._warn_fallback(ctx, status, reason)
+        return AutogradJacobian(rows, params, self.generic.chunk_bytes), self.generic.name
 
     def _warn_fallback(self, ctx: StepContext, status: list[int], reason: str) -> None:
         """The one-time SvenFallbackWarning of a collective fallback (same on every rank).

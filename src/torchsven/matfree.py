@@ -58,6 +58,7 @@ from .solve import SpectralFilter, gram_floor
 
 __all__ = [
     "JacobianOperator",
+    "ProductFailed",
     "RangeSketch",
     "ReducedOperator",
     "RitzStep",
@@ -192,6 +193,7 @@ def range_finder(
     probes: int = 4,
     reduce: Reduce | None = None,
     sketch_factor: float = 1.0,
+    total_rows: int | None = None,
 ) -> RangeSketch:
     """Randomized range finder with ``power_iters`` power iterations on K (module docstring).
 
@@ -206,10 +208,12 @@ def range_finder(
             singular vectors of the sketch (``Y Y^T / (f l)`` is a Monte Carlo
             estimate of K, better for larger f). Worth it when ``sketch`` is much
             cheaper than ``jt`` (Kronecker columns on the factored backend).
+        total_rows: N over all ranks (None: ``op.rows``).
     """
     if columns < 1:
         raise ValueError(f"columns must be >= 1, got {columns}")
-    wide = max(columns, min(op.rows, round(columns * sketch_factor)))
+    rows = op.rows if total_rows is None else total_rows
+    wide = max(columns, min(rows, round(columns * sketch_factor)))
     y = op.sketch(wide + probes, generator)
     probe = y[:, wide:].to(_F64)
     y = y[:, :wide]
@@ -319,11 +323,21 @@ def rank_k_step(
     generator: torch.Generator,
     probes: int = 4,
     sketch_factor: float = 1.0,
+    reduce: Reduce | None = None,
+    total_rows: int | None = None,
 ) -> RankKStep:
-    """Range finder (``columns`` wide, at most N) then the filtered Ritz step."""
-    width = max(1, min(columns, op.rows))
-    sketch = range_finder(op, width, power_iters, generator, probes, sketch_factor=sketch_factor)
-    ritz = ritz_step(sketch, rows.detach(), filt)
+    """Range finder (``columns`` wide, at most N) then the filtered Ritz step.
+
+    Rows split over ranks: ``op`` is a :class:`ReducedOperator`, ``reduce`` sums
+    over ranks and ``total_rows`` is the global N; ``rows`` and the returned
+    ``row_change`` are this rank's (the step is the same on every rank).
+    """
+    rows_total = op.rows if total_rows is None else total_rows
+    width = max(1, min(columns, rows_total))
+    sketch = range_finder(
+        op, width, power_iters, generator, probes, reduce, sketch_factor, rows_total
+    )
+    ritz = ritz_step(sketch, rows.detach(), filt, reduce)
     step = [s.reshape(p.shape) for s, p in zip(ritz.step, params, strict=True)]
     row_change = op.j([s.unsqueeze(0) for s in ritz.step]).reshape(-1)
     extras = {
@@ -334,6 +348,10 @@ def rank_k_step(
     return RankKStep(step, row_change, ritz.singular_values, ritz.kept, extras)
 
 
+class ProductFailed(RuntimeError):
+    """A rank's local block product raised: raised on every rank at the same ``jt``."""
+
+
 class ReducedOperator:
     """A row-distributed J (each rank holds its rows' operator ``local``).
 
@@ -341,19 +359,51 @@ class ReducedOperator:
     flattened parameter block; ``j`` and ``sketch`` are local (every rank must
     draw the same test block: equal generator states). Pass the same
     ``reduce`` to :func:`range_finder` and :func:`ritz_step`.
+
+    A local product that raises must not leave the other ranks waiting in a
+    reduce: its result is replaced by zeros, the exception kept in
+    :attr:`error`, and the next ``jt`` reduce carries a failure count, after
+    which every rank raises :class:`ProductFailed` at the same point.
+    ``params`` (one tensor per parameter) give the block's shapes and dtypes.
     """
 
-    def __init__(self, local: JacobianOperator, reduce: Reduce) -> None:
+    def __init__(self, local: JacobianOperator, reduce: Reduce, params: Sequence[Tensor]) -> None:
         self.local = local
         self.reduce = reduce
         self.rows = local.rows
+        self.params = list(params)
+        self.error: Exception | None = None
+
+    def _run(self, product: Callable[[], Tensor], zeros: Callable[[], Tensor]) -> Tensor:
+        if self.error is None:
+            try:
+                return product()
+            except Exception as exc:  # every rank learns of it at the next jt
+                self.error = exc
+        return zeros()
 
     def sketch(self, columns: int, generator: torch.Generator) -> Tensor:
-        return self.local.sketch(columns, generator)
+        device = self.params[0].device
+        return self._run(
+            lambda: self.local.sketch(columns, generator),
+            lambda: torch.zeros(self.rows, columns, dtype=_F64, device=device),
+        )
 
     def jt(self, v: Tensor) -> ParamBlock:
-        parts = self.local.jt(v)
-        summed = self.reduce(torch.cat([t.reshape(-1) for t in parts]))
+        b = v.shape[1]
+        zeros = [torch.zeros(b, *p.shape, dtype=p.dtype, device=p.device) for p in self.params]
+        parts: ParamBlock = zeros
+        if self.error is None:
+            try:
+                parts = self.local.jt(v)
+            except Exception as exc:  # every rank learns of it below
+                self.error = exc
+        failed = torch.ones(1, dtype=parts[0].dtype, device=parts[0].device)
+        summed = self.reduce(
+            torch.cat([*(t.reshape(-1) for t in parts), failed * (self.error is not None)])
+        )
+        if float(summed[-1]) > 0:
+            raise ProductFailed(f"{int(summed[-1])} rank(s) raised in a matrix-free block product")
         out, offset = [], 0
         for t in parts:
             out.append(summed[offset : offset + t.numel()].view(t.shape))
@@ -361,7 +411,11 @@ class ReducedOperator:
         return out
 
     def j(self, z: ParamBlock) -> Tensor:
-        return self.local.j(z)
+        b = z[0].shape[0]
+        return self._run(
+            lambda: self.local.j(z),
+            lambda: torch.zeros(self.rows, b, dtype=_F64, device=z[0].device),
+        )
 
 
 def dense_operator(jac: Tensor) -> JacobianOperator:

@@ -284,6 +284,13 @@ class AutogradJacobian:
                     "scaled_dot_product_attention call the model under "
                     "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)"
                 ) from exc
-            if col is not None:
-                out[:, sl] = col.mT.to(torch.float64)
+            if col is None:  # J^T u never reaches u: a backward that built no graph
+                raise RuntimeError(
+                    "the matrix-free rank-k step needs J Z by double backward, but the "
+                    "gradient of the rows does not depend on their output gradients through "
+                    "autograd (a custom autograd.Function whose backward is "
+                    "once_differentiable or runs without grad); give it a differentiable "
+                    "backward, or use randomized=False"
+                )
+            out[:, sl] = col.mT.to(torch.float64)
         return out
