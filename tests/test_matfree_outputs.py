@@ -24,7 +24,13 @@ from torch import Tensor, nn
 import torchsven
 from torchsven.backends import layers
 from torchsven.backends.factored import FactoredBackend, FactoredJacobian
-from torchsven.backends.layers import LinearLikeTerm, block_j, block_jt, block_sketch
+from torchsven.backends.layers import (
+    EmbeddingTerm,
+    LinearLikeTerm,
+    block_j,
+    block_jt,
+    block_sketch,
+)
 
 from .reference import dense_jacobian, flat, reference_step, rel_err
 
@@ -99,7 +105,8 @@ def _with_operator(model: nn.Module, rows_fn, use):
         assert layout.outputs == out.shape[1] > 1
         terms = {id(t): t for c in contributions.values() for t, _, _ in c}
         linear = [t for t in terms.values() if isinstance(t, LinearLikeTerm)]
-        return use(FactoredJacobian(params, contributions, layout), params, linear)
+        assert all(t.outputs == layout.outputs for t in linear)
+        return use(FactoredJacobian(params, contributions, layout), params, linear, terms)
 
     return backend._with_factors(out.reshape(-1), params, captured, out, inner)
 
@@ -121,7 +128,7 @@ def test_block_products_with_several_rows_per_sample_match_dense_jacobian(kind):
     v = torch.randn(n, 3, generator=_gen(4), dtype=_F64)
     z = torch.randn(3, p, generator=_gen(5), dtype=_F64)
 
-    def use(op, params, linear):
+    def use(op, params, linear, terms):
         jt = torch.cat([t.reshape(3, -1).to(_F64) for t in op.jt(v)], dim=1)
         jz = op.j(_blocks(z, params))
         sk = op.sketch(6, _gen(6))
@@ -154,7 +161,7 @@ def test_per_sample_products_equal_the_row_form_term_by_term(kind):
     form equal those of the row form (the column-by-column path)."""
     model, rows_fn = CASES[kind]()
 
-    def use(op, params, linear):
+    def use(op, params, linear, terms):
         worst = 0.0
         for term in linear:
             names = [n for n in (term.weight_name, term.bias_name) if n is not None]
@@ -181,10 +188,20 @@ def test_per_sample_products_equal_the_row_form_term_by_term(kind):
             ref_w = twin.weighted(names, v[:, 0])
             for n in names:
                 worst = max(worst, rel_err(got_w[n], ref_w[n]))
-        return worst, len(linear)
+        embeddings = 0
+        for term in terms.values():  # embeddings: J^T V summed per sample before the scatter
+            if isinstance(term, EmbeddingTerm) and term.outputs > 1:
+                embeddings += 1
+                v = torch.randn(term.g.shape[0], 4, generator=_gen(10), dtype=_F64)
+                twin = object.__new__(EmbeddingTerm)
+                twin.__dict__.update(term.__dict__, outputs=1)
+                got = block_jt(term, [term.name], v)[term.name]
+                worst = max(worst, rel_err(got, block_jt(twin, [term.name], v)[term.name]))
+        return worst, len(linear), embeddings
 
-    worst, n_linear = _with_operator(model, rows_fn, use)
+    worst, n_linear, embeddings = _with_operator(model, rows_fn, use)
     assert n_linear >= 3 and worst < 1e-12
+    assert embeddings == (2 if kind == "gpt2" else 0)  # token and position embeddings
 
 
 def test_per_sample_products_in_chunks_of_one_sample(monkeypatch):
@@ -194,7 +211,7 @@ def test_per_sample_products_in_chunks_of_one_sample(monkeypatch):
     v = torch.randn(8, 3, generator=_gen(10), dtype=_F64)
     z = torch.randn(3, sum(p.numel() for p in params), generator=_gen(11), dtype=_F64)
 
-    def use(op, params, linear):
+    def use(op, params, linear, terms):
         jt = torch.cat([t.reshape(3, -1) for t in op.jt(v)], dim=1)
         return jt, op.j(_blocks(z, params)), op.sketch(5, _gen(12))
 

@@ -832,8 +832,7 @@ class FactoredBackend(Backend):
                 linear_factors(c.args[0], layout, gp, o)
                 for c, gp, o in zip(calls, passes, outs, strict=True)
             ]
-            a = torch.cat([p[0] for p in parts], dim=1)
-            g = torch.cat([p[1] for p in parts], dim=1)
+            a, g = _cat_parts(parts, 0), _cat_parts(parts, 1)
             return TransposedLinearTerm(a, g, covers, weight, bias, self.ghost, layout.outputs)
         if first.kind in ("linear", "conv"):
             parts = [
@@ -861,7 +860,7 @@ class FactoredBackend(Backend):
                 for c, gp, o in zip(calls, passes, outs, strict=True)
             ]
             idx, g = _cat_parts(parts, 0), _cat_parts(parts, 1)
-            return EmbeddingTerm(idx, g, covers, "weight", module.padding_idx)
+            return EmbeddingTerm(idx, g, covers, "weight", module.padding_idx, layout.outputs)
         if first.kind == "norm":
             terms = []
             for c, gp, o in zip(calls, passes, outs, strict=True):

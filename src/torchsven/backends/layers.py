@@ -264,6 +264,7 @@ class LinearLikeTerm(Term):
             ghost = positions == 1 or ghost_cost <= mat_cost
         self.ghost = bool(ghost)
         self._materialised: Tensor | None = None
+        self._bias_rows: Tensor | None = None
 
     @property
     def a(self) -> Tensor:
@@ -273,8 +274,11 @@ class LinearLikeTerm(Term):
         return self._a_rows
 
     def bias_rows(self) -> Tensor:
-        """Per-row bias gradients (R, q do): ``sum_t G[r, t]`` in the factors' dtype."""
-        return self.g.sum(dim=1).reshape(self.g.shape[0], -1)
+        """Per-row bias gradients (R, q do): ``sum_t G[r, t]`` in the factors' dtype
+        (computed once)."""
+        if self._bias_rows is None:
+            self._bias_rows = self.g.sum(dim=1).reshape(self.g.shape[0], -1)
+        return self._bias_rows
 
     def _weight_rows(self) -> Tensor:
         """Per-row weight gradients (R, q, do, dk) in the factors' dtype.
@@ -592,14 +596,23 @@ class EmbeddingTerm(Term):
 
     Ghost form ``K_ij = sum_{t,s} [idx_it == idx_js] (G_it . G_js)`` or the
     per-row gradient restricted to the used vocabulary, whichever is cheaper.
+    With ``outputs = m > 1`` rows per sample the m rows of a sample share its
+    indices (``J^T V`` sums their gradients per sample before the scatter).
     """
 
     def __init__(
-        self, idx: Tensor, g: Tensor, params: dict[str, Tensor], name: str, padding_idx: int | None
+        self,
+        idx: Tensor,
+        g: Tensor,
+        params: dict[str, Tensor],
+        name: str,
+        padding_idx: int | None,
+        outputs: int = 1,
     ) -> None:
         if padding_idx is not None:
             g = g * (idx != padding_idx).unsqueeze(-1).to(g.dtype)
         self.idx, self.g, self.params, self.name = idx, g, params, name
+        self.outputs = outputs
 
     def _used_rows(self) -> tuple[Tensor, Tensor]:
         """Per-row gradients on the used vocabulary (R, U, d) and the used indices (U,)."""
@@ -1105,9 +1118,20 @@ def _embedding_jt(term: EmbeddingTerm, names: Sequence[str], v: Tensor) -> dict[
     b = v.shape[1]
     v = v.to(term.g.dtype)
     acc = term.g.new_zeros(vocab, b * d)
-    for sl in _chunks(rows, positions * b * d):
-        gv = term.g[sl, :, None, :] * v[sl, None, :, None]  # (c, T, b, d)
-        acc.index_add_(0, term.idx[sl].reshape(-1), gv.reshape(-1, b * d))
+    m = term.outputs
+    if m > 1:  # per sample: gv[s, t, :, j] = sum_i v[(s, i), j] g[(s, i), t] (one bmm)
+        samples = rows // m
+        idx = term.idx.reshape(samples, m, positions)[:, 0]  # the sample's rows share it
+        for sl in _chunks(samples, positions * b * d * 2):
+            rs = slice(sl.start * m, sl.stop * m)
+            c = idx[sl].shape[0]
+            gc = term.g[rs].reshape(c, m, positions * d)
+            gv = torch.bmm(gc.mT, v[rs].reshape(c, m, b)).reshape(c, positions, d, b)
+            acc.index_add_(0, idx[sl].reshape(-1), gv.transpose(2, 3).reshape(-1, b * d))
+    else:
+        for sl in _chunks(rows, positions * b * d):
+            gv = term.g[sl, :, None, :] * v[sl, None, :, None]  # (c, T, b, d)
+            acc.index_add_(0, term.idx[sl].reshape(-1), gv.reshape(-1, b * d))
     return {term.name: acc.reshape(vocab, b, d).permute(1, 0, 2).contiguous()}
 
 
