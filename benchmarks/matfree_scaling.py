@@ -99,13 +99,14 @@ def _one(method: str, n: int, timed: int) -> dict:
     return out
 
 
-def _decrease_ratio(n: int, power_iters: int, seed: int) -> float:
-    """Linearised decrease of the matrix-free rank-64 step / the exact rank-64 step's."""
+def _decrease_ratio(n: int, power_iters: int, seed: int, problem: int = 0) -> float:
+    """Linearised decrease of the matrix-free rank-64 step / the exact rank-64 step's
+    (sketch seed ``seed``, model and data of ``_mlp(n, problem)``)."""
     from torch.func import functional_call, jvp
 
     from torchsven.backends.factored import FactoredBackend
 
-    model, x, y = _mlp(n)
+    model, x, y = _mlp(n, problem)
     params = list(model.parameters())
     backend = FactoredBackend(model)
     with backend.capture(params) as captured, torch.enable_grad():
@@ -244,6 +245,8 @@ def _spawn(*args: str) -> dict:
 
 
 THREADS = 2
+#: model/data seeds of the quality table (three sketch seeds each)
+QUALITY_PROBLEMS = (0, 1, 2)
 
 
 def _load() -> str:
@@ -275,7 +278,8 @@ def main() -> None:
         if kind == "lm":
             res = _lm(int(args.one[1]), int(args.one[2]), int(args.one[3]), args.one[4])
         elif kind == "quality":
-            res = {"ratio": _decrease_ratio(int(args.one[1]), int(args.one[2]), int(args.one[3]))}
+            n, q, seed, problem = (int(v) for v in args.one[1:5])
+            res = {"ratio": _decrease_ratio(n, q, seed, problem)}
         else:
             res = _one(kind, int(args.one[1]), int(args.one[2]))
         print(json.dumps(res))
@@ -319,7 +323,11 @@ def main() -> None:
                 continue
             run(n, method)
     for q in (0, 1, 2):
-        ratios = [_spawn("quality", "1024", str(q), str(seed))["ratio"] for seed in (1, 2, 3)]
+        ratios = [
+            _spawn("quality", "1024", str(q), str(seed), str(problem))["ratio"]
+            for problem in QUALITY_PROBLEMS
+            for seed in (1, 2, 3)
+        ]
         results["quality"][f"q{q}"] = ratios
         print("quality", q, ratios, flush=True)
         save()
@@ -359,11 +367,17 @@ def render(results: dict) -> str:
         lines += [
             "",
             "Linearised decrease of 0.5 ||r||^2, rank-64 matrix-free step / exact rank-64 step,"
-            " N = 1024, three sketch seeds:",
+            f" N = 1024, {len(QUALITY_PROBLEMS)} random problems (model and data seeds) x three"
+            " sketch seeds:",
             "",
         ]
     for q, ratios in results["quality"].items():
-        lines.append(f"- power_iters={q[1:]}: " + ", ".join(f"{r:.3f}" for r in ratios))
+        lines.append(
+            f"- power_iters={q[1:]}: min {min(ratios):.3f}, median"
+            f" {statistics.median(ratios):.3f}, max {max(ratios):.3f} ("
+            + ", ".join(f"{r:.3f}" for r in ratios)
+            + ")"
+        )
     lm = results.get("lm", {})
     sv, ad = lm.get("sven", {}), lm.get("adamw", {})
     if "seconds" in sv and "seconds" in ad:
