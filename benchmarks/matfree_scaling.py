@@ -395,7 +395,7 @@ def render(results: dict) -> str:
         ]
     lines.append("")
     lines.append(f"Load average (1, 5, 15 min) at the end: {results['load_after']}")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 if __name__ == "__main__":
