@@ -287,3 +287,29 @@ def test_passes_stacked_from_one_buffer_without_a_copy():
         filled = [torch.zeros_like(like) if p is None else p for p in parts]
         assert got.data_ptr() != buf.data_ptr()
         assert torch.equal(got, torch.stack(filled, dim=1).reshape(6, 1, 4, 5))
+
+
+def test_channel_bias_term_per_sample_equals_row_form():
+    """A jets-style Linear (bias on some channels) with m = 3 rows per sample: products,
+    ``weighted``, per-row gradients and the Gram block equal those of the row form."""
+    from torchsven.backends.layers import ChannelBiasLinearTerm
+
+    samples, m, channels, d_in, d_out = 4, 3, 5, 3, 2
+    a = torch.randn(samples, channels, 1, d_in, generator=_gen(14), dtype=_F64)
+    g = torch.randn(samples * m, channels, 1, d_out, generator=_gen(15), dtype=_F64)
+    params = {"weight": torch.zeros(d_out, d_in, dtype=_F64), "bias": torch.zeros(d_out)}
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0], dtype=_F64)
+    names = ["weight", "bias"]
+    term = ChannelBiasLinearTerm(a, g, params, "weight", "bias", mask, outputs=m)
+    twin = ChannelBiasLinearTerm(a.repeat_interleave(m, 0), g, params, "weight", "bias", mask)
+    v = torch.randn(samples * m, 4, generator=_gen(16), dtype=_F64)
+    z = {n: torch.randn(4, *t.shape, generator=_gen(17), dtype=_F64) for n, t in params.items()}
+    got, ref = block_jt(term, names, v), block_jt(twin, names, v)
+    assert all(rel_err(got[n], ref[n]) < 1e-13 for n in names)
+    assert rel_err(block_j(term, names, z), block_j(twin, names, z)) < 1e-13
+    got, ref = term.weighted(names, v[:, 1]), twin.weighted(names, v[:, 1])
+    assert all(rel_err(got[n], ref[n]) < 1e-13 for n in names)
+    assert term._a_rows is None  # none of the above built the row form
+    got, ref = term.per_row(names), twin.per_row(names)
+    assert all(rel_err(got[n], ref[n]) < 1e-13 for n in names)
+    assert rel_err(term.gram(names), twin.gram(names)) < 1e-13
