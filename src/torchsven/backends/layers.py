@@ -985,9 +985,10 @@ def _weight_jt_columns(term: LinearLikeTerm, v: Tensor) -> Tensor:
     ``M_j = (G o v_j)^T A`` per group, one GEMM over a chunk of rows (inner dimension
     rows x positions), the narrower factor scaled.
 
-    Measured faster than the one-GEMM form of :func:`_weight_jt` on wide layers (MLP
-    32-256-256-1, N = 8192, b = 74, float32, 1 thread: 205 vs 470 ms for 32 -> 256,
-    1015 vs 1222 ms for 256 -> 256), whose chunks of b columns are b times shorter.
+    Measured against the one-GEMM form of :func:`_weight_jt` (MLP 32-256-256-1,
+    N = 8192, b = 74, float32, 1 thread, two runs): 205 / 153 vs 470 / 229 ms for
+    32 -> 256, 1015 / 1000 vs 1222 / 997 ms for 256 -> 256 (the GEMM form's chunks
+    of b columns are b times shorter), 21-30 vs 5-7 ms for 256 -> 1; kept.
     """
     a, g = term.a_samples, term.g
     rows, positions, groups, dk = a.shape
@@ -1016,8 +1017,9 @@ def _weight_jt_columns(term: LinearLikeTerm, v: Tensor) -> Tensor:
 
 def _weight_j_columns(term: LinearLikeTerm, zq: Tensor) -> Tensor:
     """``J_W Z`` (R, b) float64 for m = 1, column by column: ``(J Z_j)_r = sum_t g_rt .
-    (Z_j a_rt)``, one GEMM per row chunk and column (as fast as :func:`_weight_j`'s one
-    GEMM on the MLP of :func:`_weight_jt_columns`: 1252 vs 1227 ms, 376 vs 333 ms)."""
+    (Z_j a_rt)``, one GEMM per row chunk and column (within 10% of :func:`_weight_j`'s
+    one GEMM on the MLP of :func:`_weight_jt_columns`: 376 / 343 vs 333 / 309 ms,
+    1252 / 1120 vs 1227 / 1098 ms; kept, so the m = 1 path is unchanged)."""
     a, g = term.a_samples, term.g
     rows, positions, groups, dk = a.shape
     do = g.shape[-1]
