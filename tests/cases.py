@@ -285,3 +285,25 @@ LAYER_CASES = (
     "inplace-relu",
     "transformer",
 )
+
+
+def tiny_gpt2(
+    seed: int = 0, vocab: int = 23, positions: int = 16, width: int = 8, layers: int = 2
+) -> nn.Module:
+    """float64 ``transformers.GPT2LMHeadModel`` from a config (no download, no dropout)."""
+    import transformers  # a client extra: imported by the tests that use it only
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(config).double()

@@ -25,6 +25,7 @@ from torchsven.backends import FactoredBackend, GenericBackend
 from torchsven.errors import SvenFallbackWarning
 from torchsven.solve import SpectralFilter
 
+from .cases import tiny_gpt2
 from .reference import flat, rel_err
 
 TOL = 1e-10
@@ -42,23 +43,6 @@ def _factored_equals_generic(model: nn.Module, closure) -> None:
     assert flat(ref.step).abs().sum() > 0
     assert rel_err(flat(direction.step), flat(ref.step)) <= TOL
     assert direction.solution.kept == ref.solution.kept
-
-
-def tiny_gpt2(seed: int = 0, vocab: int = 23, positions: int = 16) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=positions,
-        n_embd=8,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config).double()
 
 
 def _token_losses(model: nn.Module, ids: Tensor) -> Tensor:

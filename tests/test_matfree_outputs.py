@@ -32,6 +32,7 @@ from torchsven.backends.layers import (
     block_sketch,
 )
 
+from .cases import tiny_gpt2
 from .reference import dense_jacobian, flat, reference_step, rel_err
 
 TOL = 1e-10
@@ -45,20 +46,7 @@ def _gen(seed: int) -> torch.Generator:
 
 def _gpt2(seed: int = 0) -> tuple[nn.Module, object]:
     """Tiny float64 GPT-2 (Conv1D projections, tied head); rows (B, T): one per token."""
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        vocab_size=11,
-        n_positions=8,
-        n_embd=4,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.GPT2LMHeadModel(config).double()
+    model = tiny_gpt2(seed, vocab=11, positions=8, width=4, layers=1)
     ids = torch.randint(0, 11, (2, 5), generator=_gen(seed + 1))
 
     def rows() -> Tensor:  # (2, 4): N = 8 rows, 4 per sequence
