@@ -148,25 +148,6 @@ def orthonormalize(y: Tensor, reduce: Reduce | None = None) -> Tensor:
     return q
 
 
-def _chunked_gram(y: Tensor) -> Tensor:
-    """``Y^T Y`` float64 of Y (N, m) in any dtype, converting row slices only."""
-    step = max(1, _SLICE_ELEMS // max(1, y.shape[1]))
-    out = y.new_zeros(y.shape[1], y.shape[1], dtype=_F64)
-    for start in range(0, y.shape[0], step):
-        part = y[start : start + step].to(_F64)
-        out += part.mT @ part
-    return out
-
-
-def _chunked_matmul(y: Tensor, mat: Tensor) -> Tensor:
-    """``Y M`` float64 (N, l) of Y (N, m) in any dtype and M (m, l) float64."""
-    step = max(1, _SLICE_ELEMS // max(1, y.shape[1]))
-    out = y.new_empty(y.shape[0], mat.shape[1], dtype=_F64)
-    for start in range(0, y.shape[0], step):
-        out[start : start + step] = y[start : start + step].to(_F64) @ mat
-    return out
-
-
 @dataclass(frozen=True)
 class RangeSketch:
     """Outcome of :func:`range_finder`.
@@ -218,12 +199,15 @@ def range_finder(
     probe = y[:, wide:].to(_F64)
     y = y[:, :wide]
     if wide > columns:  # the top-l left singular vectors of the wide sketch, without
-        # an (N, f l) basis: the top-l eigenvectors V of Y^T Y, then Q = orth(Y V)
-        core = _chunked_gram(y)
+        # an (N, f l) basis: the top-l eigenvectors V of Y^T Y, then Q = orth(Y V). In the
+        # sketch's dtype: any V keeps range(Y V) inside range(Y) = range(J Omega), so the
+        # precision of V changes the basis' quality, never the exactness when l >= rank(J)
+        core = y.mT @ y
         if reduce is not None:
             core = reduce(core)
+        core = core.to(_F64)
         _, vecs = torch.linalg.eigh(0.5 * (core + core.mT))
-        y = _chunked_matmul(y, vecs[:, -columns:])
+        y = y @ vecs[:, -columns:].to(y.dtype)
     q = orthonormalize(y, reduce)
     del y
     products = 1

@@ -854,8 +854,14 @@ def dtype_tolerance(dtype: torch.dtype, terms: int) -> float:
 BLOCK_CHUNK_ELEMS = 1 << 22
 
 
-def _chunks(rows: int, per_row: int) -> list[slice]:
-    step = max(1, BLOCK_CHUNK_ELEMS // max(1, per_row))
+#: Elements of the per-column temporaries of the column-by-column products (about 1 MB
+#: in float32: they stay in cache between the scaling and the GEMM that reads them;
+#: 10-15% faster than 16 MB chunks for MLP 32-256-256-1, N = 8192, b = 74, 1 and 2 threads).
+COLUMN_CHUNK_ELEMS = 1 << 18
+
+
+def _chunks(rows: int, per_row: int, elems: int = BLOCK_CHUNK_ELEMS) -> list[slice]:
+    step = max(1, elems // max(1, per_row))
     return [slice(s, s + step) for s in range(0, rows, step)]
 
 
@@ -996,7 +1002,7 @@ def _weight_jt_columns(term: LinearLikeTerm, v: Tensor) -> Tensor:
     b = v.shape[1]
     v = v.to(g.dtype)
     acc = g.new_zeros(b, groups, do, dk)
-    for sl in _chunks(rows, positions * (do + dk)):
+    for sl in _chunks(rows, positions * min(do, dk), COLUMN_CHUNK_ELEMS):
         c = a[sl].shape[0]
         vc = v[sl]
         for q in range(groups):
@@ -1026,7 +1032,7 @@ def _weight_j_columns(term: LinearLikeTerm, zq: Tensor) -> Tensor:
     b = zq.shape[0]
     zq = zq.to(a.dtype)
     out = a.new_zeros(rows, b, dtype=_F64)
-    for sl in _chunks(rows, positions * (do + dk)):
+    for sl in _chunks(rows, positions * do, COLUMN_CHUNK_ELEMS):
         c = a[sl].shape[0]
         part = a.new_zeros(c, b)
         for q in range(groups):
@@ -1106,6 +1112,9 @@ def _linear_sketch(
             aw = a[ss, :, q].reshape(c * positions, dk) @ w[q]
             if shift is not None:
                 aw += shift[q]
+            if m == positions == 1:  # one product per row: accumulate in place
+                part.view(c, columns).addcmul_(gu, aw)
+                continue
             gu = gu.reshape(c, m, positions, columns)
             part += (gu * aw.reshape(c, 1, positions, columns)).sum(dim=2)
         out[rs] = part.reshape(c * m, columns)
