@@ -99,7 +99,9 @@ def _one(method: str, n: int, timed: int) -> dict:
     return out
 
 
-def _decrease_ratio(n: int, power_iters: int, seed: int, problem: int = 0) -> float:
+def _decrease_ratio(
+    n: int, power_iters: int, seed: int, problem: int = 0, oversample: int = 10
+) -> float:
     """Linearised decrease of the matrix-free rank-64 step / the exact rank-64 step's
     (sketch seed ``seed``, model and data of ``_mlp(n, problem)``)."""
     from torch.func import functional_call, jvp
@@ -122,6 +124,7 @@ def _decrease_ratio(n: int, power_iters: int, seed: int, problem: int = 0) -> fl
         rank=RANK,
         randomized=True,
         power_iters=power_iters,
+        oversample=oversample,
         rtol=1e-6,
         seed=seed,
         damping=0.0,
@@ -247,6 +250,8 @@ def _spawn(*args: str) -> dict:
 THREADS = 2
 #: model/data seeds of the quality table (three sketch seeds each)
 QUALITY_PROBLEMS = (0, 1, 2)
+#: (power_iters, oversample) of the quality table; key "q{q}" for oversample 10
+QUALITY_CONFIGS = ((0, 10), (1, 10), (2, 10), (0, 0), (1, 0))
 
 
 def _load() -> str:
@@ -261,7 +266,12 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=8192)
     parser.add_argument("--q1-max", type=int, default=32768)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
-    parser.add_argument("--only", choices=["lm"], default=None, help="run one part alone")
+    parser.add_argument(
+        "--only",
+        choices=["lm", "quality"],
+        default=None,
+        help="run one part alone (lm: into PREFIX_lm.json; quality: into PREFIX.json)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -278,8 +288,8 @@ def main() -> None:
         if kind == "lm":
             res = _lm(int(args.one[1]), int(args.one[2]), int(args.one[3]), args.one[4])
         elif kind == "quality":
-            n, q, seed, problem = (int(v) for v in args.one[1:5])
-            res = {"ratio": _decrease_ratio(n, q, seed, problem)}
+            values = [int(v) for v in args.one[1:]]
+            res = {"ratio": _decrease_ratio(*values)}
         else:
             res = _one(kind, int(args.one[1]), int(args.one[2]))
         print(json.dumps(res))
@@ -305,15 +315,36 @@ def main() -> None:
             print("lm", method, results["lm"][method], flush=True)
             save()
 
+    def quality() -> None:
+        results["quality_load_before"] = _load()
+        for q, p in QUALITY_CONFIGS:
+            ratios = [
+                _spawn("quality", "1024", str(q), str(seed), str(problem), str(p))["ratio"]
+                for problem in QUALITY_PROBLEMS
+                for seed in (1, 2, 3)
+            ]
+            results["quality"][f"q{q}" if p == 10 else f"q{q}-p{p}"] = ratios
+            print("quality", q, p, ratios, flush=True)
+            save()
+
     if args.only == "lm":
         lm()
         print(render(results))
         return
+    if args.only == "quality":  # the rest of PREFIX.json stays as it was
+        if os.path.exists(out + ".json"):
+            with open(out + ".json") as f:
+                results.update(json.load(f))
+        results["quality"] = {}
+        quality()
+        print(render(results))
+        return
 
     def run(n: int, method: str) -> None:
-        timed = 3 if n <= 8192 else 1
+        # SGD steps are cheap: many, so that its median is not one noisy step
+        timed = {"sgd": 20, "exact": 1}.get(method, 3 if n <= 8192 else 1)
         row = results["rows"].setdefault(str(n), {"load_before": _load()})
-        row[method] = _spawn(method, str(n), str(timed if method != "exact" else 1))
+        row[method] = _spawn(method, str(n), str(timed))
         print(n, method, row[method], flush=True)
         save()
 
@@ -322,15 +353,7 @@ def main() -> None:
             if method == "matfree-q1" and n > args.q1_max:
                 continue
             run(n, method)
-    for q in (0, 1, 2):
-        ratios = [
-            _spawn("quality", "1024", str(q), str(seed), str(problem))["ratio"]
-            for problem in QUALITY_PROBLEMS
-            for seed in (1, 2, 3)
-        ]
-        results["quality"][f"q{q}"] = ratios
-        print("quality", q, ratios, flush=True)
-        save()
+    quality()
     lm()
     for n in sizes:  # last: the N x N Gram matrix is the slow part of the table
         if n <= args.exact_max:
@@ -371,9 +394,10 @@ def render(results: dict) -> str:
             " sketch seeds:",
             "",
         ]
-    for q, ratios in results["quality"].items():
+    for key, ratios in results["quality"].items():
+        q, _, p = key[1:].partition("-p")
         lines.append(
-            f"- power_iters={q[1:]}: min {min(ratios):.3f}, median"
+            f"- power_iters={q}, oversample={p or 10}: min {min(ratios):.3f}, median"
             f" {statistics.median(ratios):.3f}, max {max(ratios):.3f} ("
             + ", ".join(f"{r:.3f}" for r in ratios)
             + ")"
