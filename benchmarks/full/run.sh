@@ -3,7 +3,7 @@
 # (one torch thread each), merged into benchmarks/full/ with one report, the plots and
 # the README's headline table. Sized for <= 30 minutes on a quiet 2-core machine:
 # the tasks shortened below say so in their JSON ("epochs") and in report.md.
-# Measured 2026-12-01 (commit acdfb88, load ~2): part A 416 s, part B 705 s, in parallel.
+# Measured 2026-12-01 (commit fb7a3d9, load ~1): part A 400 s, part B 637 s, in parallel.
 #
 #   bash benchmarks/full/run.sh            (from the repository root, after `make install`)
 #
