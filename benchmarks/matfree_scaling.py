@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -65,6 +66,19 @@ def _mlp(n: int, seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     return model, torch.randn(n, 32, generator=g), torch.randn(n, 1, generator=g)
 
 
+def _timed(step: Callable[[], None], timed: int) -> dict:
+    """``{"seconds": median of `timed` steps after a first one, "peak_mb": peak resident
+    size above the size before the first step}``."""
+    start = _rss_mb()
+    step()
+    times = []
+    for _ in range(timed):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {"seconds": statistics.median(times), "peak_mb": _peak_mb() - start}
+
+
 def _one(method: str, n: int, timed: int) -> dict:
     """One configuration in this process: seconds per step and peak MB above the start."""
     model, x, y = _mlp(n)
@@ -85,14 +99,7 @@ def _one(method: str, n: int, timed: int) -> dict:
         def step() -> None:
             sven.step(lambda: model(x) - y)
 
-    start = _rss_mb()
-    step()
-    times = []
-    for _ in range(timed):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    out = {"seconds": statistics.median(times), "peak_mb": _peak_mb() - start}
+    out = _timed(step, timed)
     if method != "sgd":
         info = sven.last_step
         out.update(solver=info.solver, kept=info.kept, extras=dict(info.extras))
@@ -213,16 +220,8 @@ def _lm(batch: int, seq: int, timed: int, method: str) -> dict:
             sven.step(lambda: torchsven.from_losses(losses().reshape(-1)).reshape(batch, seq))
 
     first = mean_loss()
-    start = _rss_mb()
-    step()
-    times = []
-    for _ in range(timed):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
     out = {
-        "seconds": statistics.median(times),
-        "peak_mb": _peak_mb() - start,
+        **_timed(step, timed),
         "rows": batch * seq,
         "seq": seq,
         "steps": 1 + timed,

@@ -50,7 +50,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -80,6 +80,8 @@ __all__ = [
     "check_not_ddp",
     "make_collective",
 ]
+
+T = TypeVar("T")
 
 # Status codes exchanged between ranks.
 _OK, _RAISED, _NONFINITE, _FALLBACK = 0, 1, 2, 3
@@ -583,33 +585,18 @@ class CollectiveEvaluator:
         Each rank then forms ``J_r^T c_r`` from its own factors and one
         all-reduce sums the P-vector.
         """
-        comm, params, backend = self.collective, ctx.params, self.primary
-        local_error: Exception | None = None
-        reason = ""
-        code, fingerprint, width = _OK, 0.0, 0
-        assembly: GramAssembly | None = None
+        comm, params = self.collective, ctx.params
         try:
-            try:
-                contributions, _ = backend._factors(rows, params, captured, out)
-                assembly = GramAssembly.of(contributions, params)
-                packed = assembly.pack(rows.detach())
-                fingerprint, width = assembly.fingerprint(), packed.shape[1]
-            except FallbackRequired as why:
-                code, reason = _FALLBACK, why.reason
-            except Exception as exc:  # reported to every rank below
-                local_error, code = exc, _RAISED
-            table = comm.all_gather(
-                torch.tensor([code, fingerprint, width], dtype=torch.float64, device=comm.device)
+            agreed = self._agreed_factors(
+                ctx, rows, captured, out, lambda c, _, a: (a, a.pack(rows.detach()))
             )
-            status = table[:, 0].to(torch.int64).tolist()
-            comm.raise_if_raised(status, local_error, "the factored backend")
-            mismatch = bool((table[:, 1] != table[0, 1]).any())
-            if _FALLBACK in status or mismatch:
-                self._warn_fallback(ctx, status, reason)
+            if agreed is None:
                 return None
-            assert assembly is not None
+            assembly, packed = agreed
             height = int(sizes.max())
-            payload = torch.zeros(height + 1, width, dtype=torch.float64, device=comm.device)
+            payload = torch.zeros(
+                height + 1, packed.shape[1], dtype=torch.float64, device=comm.device
+            )
             payload[1 : rows.numel() + 1] = packed
             parts = comm.gather(payload)
             header = torch.zeros(_HEADER, dtype=torch.float64, device=comm.device)
@@ -705,34 +692,57 @@ class CollectiveEvaluator:
             out, global_rows, found.step, solution, row_change, used, extras=dict(found.extras)
         )
 
+    def _agreed_factors(
+        self,
+        ctx: StepContext,
+        rows: Tensor,
+        captured: Any,
+        out: Any,
+        prepare: Callable[[Any, Any, GramAssembly], T],
+    ) -> T | None:
+        """``prepare(contributions, layout, assembly)`` on this rank's layer factors, when
+        every rank has factors with the same layer structure (one all-gather of
+        ``[status, fingerprint]``); None, after the one-time fallback warning, when
+        any rank needs the generic backend. Raises on every rank if any raised."""
+        comm = self.collective
+        code, reason, fingerprint = _OK, "", 0.0
+        error: Exception | None = None
+        prepared: T | None = None
+        try:
+            contributions, layout = self.primary._factors(rows, ctx.params, captured, out)
+            assembly = GramAssembly.of(contributions, ctx.params)
+            prepared = prepare(contributions, layout, assembly)
+            fingerprint = assembly.fingerprint()
+        except FallbackRequired as why:
+            code, reason = _FALLBACK, why.reason
+        except Exception as exc:  # reported to every rank below
+            error, code = exc, _RAISED
+        table = comm.all_gather(
+            torch.tensor([code, fingerprint], dtype=torch.float64, device=comm.device)
+        )
+        status = table[:, 0].to(torch.int64).tolist()
+        comm.raise_if_raised(status, error, "the factored backend")
+        if _FALLBACK in status or bool((table[:, 1] != table[0, 1]).any()):
+            self._warn_fallback(ctx, status, reason)
+            return None
+        return prepared
+
     def _block_operator(
         self, ctx: StepContext, rows: Tensor, captured: Any, out: Any
     ) -> tuple[JacobianOperator, str]:
         """This rank's block products: from its factors when every rank has them
-        (same layer structure), else by autograd on every rank (one agreement)."""
-        comm, params = self.collective, ctx.params
+        (same layer structure), else by autograd on every rank."""
         if self.primary is not self.generic:
-            code, reason, fingerprint = _OK, "", 0.0
-            error: Exception | None = None
-            local: JacobianOperator | None = None
-            try:
-                contributions, layout = self.primary._factors(rows, params, captured, out)
-                local = FactoredJacobian(params, contributions, layout)
-                fingerprint = GramAssembly.of(contributions, params).fingerprint()
-            except FallbackRequired as why:
-                code, reason = _FALLBACK, why.reason
-            except Exception as exc:  # reported to every rank below
-                error, code = exc, _RAISED
-            table = comm.all_gather(
-                torch.tensor([code, fingerprint], dtype=torch.float64, device=comm.device)
+            local = self._agreed_factors(
+                ctx,
+                rows,
+                captured,
+                out,
+                lambda c, layout, _: FactoredJacobian(ctx.params, c, layout),
             )
-            status = table[:, 0].to(torch.int64).tolist()
-            comm.raise_if_raised(status, error, "the factored backend")
-            if _FALLBACK not in status and not bool((table[:, 1] != table[0, 1]).any()):
-                assert local is not None
+            if local is not None:
                 return local, self.primary.name
-            self._warn_fallback(ctx, status, reason)
-        return AutogradJacobian(rows, params, self.generic.chunk_bytes), self.generic.name
+        return AutogradJacobian(rows, ctx.params, self.generic.chunk_bytes), self.generic.name
 
     def _warn_fallback(self, ctx: StepContext, status: list[int], reason: str) -> None:
         """The one-time SvenFallbackWarning of a collective fallback (same on every rank).
