@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -181,6 +182,8 @@ def main() -> None:
         "scipy": scipy.__version__,
         "torchsven": torchsven.__version__,
         "criterion": f"cost_sven <= (1 + {REL}) cost_scipy + {ABS_FLOOR}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load": "{:.2f} {:.2f} {:.2f}".format(*os.getloadavg()),
     }
     print(_markdown(rows, meta))
     if not (args.no_write or args.problems):
@@ -227,8 +230,9 @@ def _markdown(rows: list[dict], meta: dict) -> str:
         f"problems. Published minimum (to its 6 printed digits) reached: Sven {sven_pub}, "
         f"scipy {scipy_pub} of {len(rows)}; the others are the same other local minimum for "
         f"both methods. Median wall-time ratio Sven / scipy: {ratio:.1f}x.",
-        f"Measured with `{meta['command']}` on {meta['machine']} (2-core CPU shared with "
-        f"other jobs), torch {meta['torch']}, scipy {meta['scipy']}.",
+        f"Measured with `{meta['command']}` on {meta['machine']} (2-core CPU, load average "
+        f"{meta.get('load', 'not recorded')} at the end), {meta.get('date', 'date not recorded')}"
+        f", torch {meta['torch']}, scipy {meta['scipy']}.",
         "",
     ]
     return "\n".join(lines)
